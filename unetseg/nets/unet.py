@@ -1,0 +1,269 @@
+"""U-Net with a configurable long skip (``concat`` | ``add`` | ``none``) per level."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unetseg.nets.blocks import BLOCKS
+from unetseg.nets.layers import (
+    SPATIAL_DIMS,
+    UPSAMPLES,
+    check_choice,
+    check_norm,
+    conv_cls,
+    maxpool_cls,
+    upsample_layer,
+)
+from unetseg.nets.skips import LONG_SKIPS, resolve_long_skip
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _check_common(
+    spatial_dims: int, channels: Sequence[int], block: str, norm: str | None, dropout: float
+) -> tuple[int, ...]:
+    """Validate the arguments shared by Encoder/Decoder/UNet; return ``channels`` as a tuple."""
+    check_choice("spatial_dims", spatial_dims, SPATIAL_DIMS)
+    if not isinstance(channels, (list, tuple)) or len(channels) < 2:
+        raise ValueError(
+            f"channels={channels!r} must be a list/tuple of at least 2 positive integers "
+            f"(one per encoder level, the last is the bottleneck)"
+        )
+    for i, c in enumerate(channels):
+        _check_positive_int(f"channels[{i}]", c)
+    check_choice("block", block, sorted(BLOCKS))
+    check_norm(norm)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
+    return tuple(channels)
+
+
+def _num_params(module: nn.Module) -> int:
+    """Number of parameters (works for modules on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+class Encoder(nn.Module):
+    """Contracting path: level 0 is ``block(in_channels -> channels[0])``, level ``i`` is
+    ``maxpool(2) -> block(channels[i-1] -> channels[i])``; the last level is the bottleneck.
+
+    ``forward`` returns the feature of every level, shallowest first, bottleneck last.
+
+    >>> import torch
+    >>> [f.shape[1:] for f in Encoder(2, 1, (4, 8, 16))(torch.rand(2, 1, 16, 12))]
+    [torch.Size([4, 16, 12]), torch.Size([8, 8, 6]), torch.Size([16, 4, 3])]
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        block: str = "plain",
+        norm: str | None = "batch",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels = _check_common(spatial_dims, channels, block, norm, dropout)
+        _check_positive_int("in_channels", in_channels)
+        make_block = partial(BLOCKS[block], spatial_dims=spatial_dims, norm=norm, dropout=dropout)
+        pool = maxpool_cls(spatial_dims)
+        stages: list[nn.Module] = [make_block(in_channels, channels[0])]
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            stages.append(nn.Sequential(pool(kernel_size=2), make_block(c_in, c_out)))
+        self.stages = nn.ModuleList(stages)
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features: list[Tensor] = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class DecoderStage(nn.Module):
+    """One decoder level: ``block(merge(up(x), skip))``."""
+
+    def __init__(self, up: nn.Module, merge: nn.Module, block: nn.Module) -> None:
+        super().__init__()
+        self.up = up
+        self.merge = merge
+        self.block = block
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.block(self.merge(self.up(x), skip))
+
+
+class Decoder(nn.Module):
+    """Expanding path. Level ``i`` (run deep to shallow, ``i = len(channels) - 2, ..., 0``) upsamples
+    ``channels[i+1] -> channels[i]``, merges the encoder's skip ``i`` with the long-skip module
+    ``long_skip[i]`` (see :data:`~unetseg.nets.skips.LONG_SKIPS`) and applies
+    ``block(merge.out_channels -> channels[i])``.
+
+    ``long_skip`` is one mode for all levels or one per skip, **shallowest first**. ``forward`` takes the
+    encoder's feature list (shallowest first, bottleneck last) and returns ``channels[0]`` features at the
+    resolution of ``features[0]``.
+
+    >>> import torch
+    >>> enc = Encoder(2, 1, (4, 8, 16))
+    >>> Decoder(2, (4, 8, 16), long_skip=("none", "concat"))(enc(torch.rand(2, 1, 16, 12))).shape
+    torch.Size([2, 4, 16, 12])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: Sequence[int],
+        long_skip: str | Sequence[str] = "concat",
+        block: str = "plain",
+        norm: str | None = "batch",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+    ) -> None:
+        super().__init__()
+        channels = _check_common(spatial_dims, channels, block, norm, dropout)
+        check_choice("upsample", upsample, sorted(UPSAMPLES))
+        self.long_skip = resolve_long_skip(long_skip, channels)
+        self.block_factory = partial(BLOCKS[block], spatial_dims=spatial_dims, norm=norm, dropout=dropout)
+        # Channel plan, in execution order (deep to shallow).
+        in_channels = list(channels[1:])[::-1]
+        self.skip_channels = list(channels[:-1])[::-1]
+        modes = list(self.long_skip)[::-1]
+        stages = []
+        for c_in, c_skip, mode in zip(in_channels, self.skip_channels, modes, strict=True):
+            merge = LONG_SKIPS[mode](c_skip)
+            stages.append(
+                DecoderStage(
+                    up=upsample_layer(upsample, c_in, c_skip, spatial_dims),
+                    merge=merge,
+                    block=self.block_factory(merge.out_channels, c_skip),
+                )
+            )
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = channels[0]
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if len(features) != len(self.stages) + 1:
+            raise ValueError(f"expected {len(self.stages) + 1} encoder features, got {len(features)}")
+        x = features[-1]
+        last = len(features) - 2
+        for i, stage in enumerate(self.stages):
+            x = stage(x, features[last - i])
+        return x
+
+    def skip_parameter_count(self) -> int:
+        """Parameters that exist only because the skips feed the decoder.
+
+        Per level: params(block as built) - params(same block built with ``in_channels=channels[i]``)
+        + params(merge module). The reference blocks are built on the meta device (no memory).
+        """
+        total = 0
+        for stage, c in zip(self.stages, self.skip_channels, strict=True):
+            with torch.device("meta"):
+                reference = self.block_factory(c, c)
+            total += _num_params(stage.block) - _num_params(reference) + _num_params(stage.merge)
+        return total
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al., 2015) with configurable long skips: ``Encoder + Decoder + head``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (logits; the head is a 1x1 conv).
+        channels: features per encoder level; the last entry is the bottleneck. ``len(channels) - 1``
+            levels are downsampled by 2x max pooling and there is one long skip per level above the
+            bottleneck (including the full-resolution one).
+        long_skip: ``"concat"`` (Ronneberger), ``"add"`` or ``"none"``, or a list/tuple with one mode per
+            skip, **shallowest first** (entry 0 is the full-resolution skip).
+        residual: use :class:`~unetseg.nets.blocks.ResidualDoubleConv` instead of
+            :class:`~unetseg.nets.blocks.DoubleConv` in every level.
+        norm: ``"batch"``, ``"instance"`` (affine), ``"group"`` (the largest group count <= 8 that divides
+            the channels) or ``None`` (convs then carry a bias).
+        upsample: ``"transpose"`` (2x2 up-conv, stride 2) or ``"interp"`` ((bi/tri)linear 2x resize then
+            a 3x3 conv).
+        dropout: channel dropout probability at the end of every block, in ``[0, 1)``.
+
+    Any input size works: ``forward`` zero-pads every spatial dimension up to the next multiple of
+    ``2 ** (len(channels) - 1)`` (``size_multiple``), with ``pad // 2`` before and the rest after, and crops
+    the output back to the input's spatial size. Normalisation statistics see the padded zeros.
+
+    ``UNet(in_channels=1, out_channels=2, channels=(64, 128, 256, 512, 1024), norm=None)`` is exactly the
+    network of Ronneberger et al. with same-padded convs (23 conv layers, 31,030,658 parameters).
+
+    >>> import torch
+    >>> UNet(spatial_dims=3, channels=(8, 16, 32))(torch.rand(1, 1, 20, 33, 17)).shape
+    torch.Size([1, 2, 20, 33, 17])
+    >>> UNet(channels=(8, 16, 32, 64), long_skip=("none", "concat", "add")).long_skip
+    ('none', 'concat', 'add')
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        channels: Sequence[int] = (32, 64, 128, 256, 512),
+        long_skip: str | Sequence[str] = "concat",
+        residual: bool = False,
+        norm: str | None = "batch",
+        upsample: str = "transpose",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        block = "residual" if residual else "plain"
+        channels = _check_common(spatial_dims, channels, block, norm, dropout)
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("out_channels", out_channels)
+        check_choice("upsample", upsample, sorted(UPSAMPLES))
+        self.long_skip = resolve_long_skip(long_skip, channels)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = channels
+        self.size_multiple = 2 ** (len(channels) - 1)
+
+        self.encoder = Encoder(spatial_dims, in_channels, channels, block, norm, dropout)
+        self.decoder = Decoder(spatial_dims, channels, self.long_skip, block, norm, dropout, upsample)
+        self.head = conv_cls(spatial_dims)(channels[0], out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sizes = x.shape[2:]
+        pad: list[int] = []  # F.pad order: last dimension first
+        starts: list[int] = []
+        for size in sizes:
+            total = (self.size_multiple - size % self.size_multiple) % self.size_multiple
+            starts.append(total // 2)
+            pad = [total // 2, total - total // 2] + pad
+        x = F.pad(x, pad)
+        out = self.head(self.decoder(self.encoder(x)))
+        for dim, size in enumerate(sizes):
+            out = out.narrow(dim + 2, starts[dim], size)
+        return out
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts: ``encoder`` (incl. bottleneck), ``decoder``, ``skips``, ``head`` and ``total``.
+
+        ``skips`` counts the parameters that exist only because the long skips feed the decoder (see
+        :meth:`Decoder.skip_parameter_count`; 0 for ``add``/``none``); ``decoder`` excludes them, so
+        ``encoder + decoder + skips + head == total``.
+        """
+        skips = self.decoder.skip_parameter_count()
+        return {
+            "encoder": _num_params(self.encoder),
+            "decoder": _num_params(self.decoder) - skips,
+            "skips": skips,
+            "head": _num_params(self.head),
+            "total": _num_params(self),
+        }
