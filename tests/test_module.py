@@ -130,4 +130,27 @@ def test_scheduler_is_configured_from_a_callable():
     module = _module(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
     config = module.configure_optimizers()
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
-    assert isinstance(_module().configure_optimizers(), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize(
+    ("name", "middle", "end"), [("cosine", 0.5, 0.0), ("poly", 0.5**0.9, 0.0), ("constant", 1, 1)]
+)
+def test_named_lr_schedule_spans_the_whole_fit(name, middle, end):
+    module = _module(lr_schedule=name, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    trainer = L.Trainer(max_steps=10, logger=False)
+    module.trainer = trainer
+    config = module.configure_optimizers()
+    schedule = config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(schedule.get_last_lr()[0])
+        config["optimizer"].step()
+        schedule.step()
+    assert (
+        lrs[0] == 1.0 and lrs[5] == pytest.approx(middle) and schedule.get_last_lr()[0] == pytest.approx(end)
+    )
+    with pytest.raises(
+        ValueError, match=r"lr_schedule='linear' is not one of \['constant', 'cosine', 'poly'\]"
+    ):
+        _module(lr_schedule="linear")

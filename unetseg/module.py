@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,13 @@ from unetseg.losses import SegmentationLoss
 from unetseg.metrics import segmentation_metrics, summarize
 
 STAGES = ("train", "val", "test")
+
+# Learning-rate factor as a function of training progress t in [0, 1].
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda t: 1.0,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "poly": lambda t: (1.0 - t) ** 0.9,
+}
 
 
 class SegmentationModule(L.LightningModule):
@@ -34,7 +43,10 @@ class SegmentationModule(L.LightningModule):
         class_names: one name per output channel, index 0 the background; linked from the data in the CLI.
         include_background: whether the mean Dice/IoU includes class 0.
         optimizer: a callable ``params -> Optimizer`` (``class_path`` + ``init_args`` in YAML).
-        scheduler: optional callable ``optimizer -> LRScheduler``, stepped every epoch.
+        scheduler: optional callable ``optimizer -> LRScheduler``, stepped per epoch; replaces lr_schedule.
+        lr_schedule: per-step learning-rate factor over the whole fit when no ``scheduler`` is given:
+            ``"cosine"`` (to 0), ``"poly"`` ((1 - t)^0.9, nnU-Net's) or ``"constant"``. Its length is the
+            trainer's ``estimated_stepping_batches``, so it follows ``max_epochs``/``max_steps`` untouched.
     """
 
     def __init__(
@@ -45,6 +57,7 @@ class SegmentationModule(L.LightningModule):
         include_background: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: str = "cosine",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -62,8 +75,11 @@ class SegmentationModule(L.LightningModule):
             )
         self.class_names = list(class_names)
         self.include_background = include_background
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not one of {sorted(LR_SCHEDULES)}")
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.lr_schedule = lr_schedule
         base = segmentation_metrics(num_classes)
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
             setattr(self, f"{stage}_metrics", base.clone(prefix=f"{stage}/"))
@@ -129,7 +145,12 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
-            return optimizer
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+            factor = LR_SCHEDULES[self.lr_schedule]
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: factor(min(step / total, 1.0))
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "monitor": "val/loss"},
