@@ -1,0 +1,191 @@
+"""2D image folders: ``images/`` + ``masks/`` with matching stems (Kvasir-SEG, ISIC, DRIVE-like sets).
+
+Accepted trees (PNG, JPG, TIFF, BMP, GIF)::
+
+    root/images/x.png  root/masks/x.png                  -> all cases are training cases
+    root/train/images/ root/train/masks/  root/val/...   root/test/...   (test/masks/ optional)
+
+A mask matches an image with the same stem, or the stem followed by one of ``MASK_SUFFIXES``
+(``ISIC_0000000.jpg`` <-> ``ISIC_0000000_segmentation.png``). Case ids are the image stems and must be unique.
+
+Classes: from an optional ``dataset.json`` with ``labels`` (``{"0": "background", "1": "polyp"}`` or
+``{"background": 0, "polyp": 1}``), otherwise from the mask values. Masks are read as
+
+* ``threshold``: JPEG masks (lossy, values smear around 0 and 255) -> ``> 127`` is class 1;
+* ``binary255``: masks whose values are within ``{0, 255}`` -> ``{0, 1}``;
+* ``index``: anything else, values are class indices ``0..K-1`` (undeclared classes are named ``class_k``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from unetseg.data.formats.io import JPEG_ENDINGS, RASTER_ENDINGS, file_ending, read_array, read_header
+from unetseg.data.formats.layout import DATASET_JSON, Case, DatasetSpec, read_dataset_json
+from unetseg.data.formats.msd import index_map
+from unetseg.data.formats.nnunet import label_names
+
+MASK_SUFFIXES: tuple[str, ...] = ("_mask", "_segmentation", "_seg", "_label", "_labels", "_gt", "_anno")
+SUBSETS: tuple[str, ...] = ("train", "val", "test")
+logger = logging.getLogger(__name__)
+
+
+def _rasters(folder: Path) -> list[Path]:
+    """Visible raster files of ``folder``, sorted."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(RASTER_ENDINGS)
+    )
+
+
+def _mask_key(path: Path) -> str:
+    """Stem of a mask with a known suffix (``_mask``, ``_segmentation``, ...) removed."""
+    stem = path.stem
+    for suffix in MASK_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _pair(images_dir: Path, masks_dir: Path, subset: str) -> list[Case]:
+    """Cases of one subset: images paired with masks by stem; unpaired files become cases to flag."""
+    masks = _rasters(masks_dir) if masks_dir.is_dir() else []
+    by_stem = {m.stem: m for m in masks}
+    by_key: dict[str, Path] = {}
+    for mask in masks:
+        key = _mask_key(mask)
+        if key != mask.stem and key in by_stem:
+            raise ValueError(f"masks {by_stem[key]} and {mask} both match image stem '{key}'; keep one")
+        by_key[key] = mask
+    label_required = subset != "test" or masks_dir.is_dir()
+    meta = {"subset": subset, "label_dir": masks_dir, "label_required": label_required}
+    cases = []
+    used: set[Path] = set()
+    for image in _rasters(images_dir):
+        mask = by_stem.get(image.stem) or by_key.get(image.stem)
+        if mask is not None:
+            used.add(mask)
+        cases.append(Case(image.stem, (image,), mask, dict(meta)))
+    for mask in masks:  # masks without image
+        if mask not in used:
+            cases.append(Case(_mask_key(mask), (), mask, dict(meta)))
+    return cases
+
+
+def _classes_from_masks(cases: list[Case], declared: list[str] | None) -> tuple[list[str], str]:
+    """(class names, label mode) from the mask files (all of them unless labels are declared)."""
+    masks = [c.label for c in cases if c.label is not None and c.images]
+    if any(m.name.lower().endswith(JPEG_ENDINGS) for m in masks):
+        return (declared or ["background", "foreground"]), "threshold"
+    union: set[int] = set()
+    where: dict[int, Path] = {}
+    for mask in masks:
+        array = read_array(mask, is_mask=True)
+        if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
+            raise ValueError(
+                f"mask {mask} is not integer-valued (dtype {array.dtype}); expected label indices or 0/255"
+            )
+        values = {int(v) for v in np.unique(array)}
+        for v in values - union:
+            where[v] = mask
+        union |= values
+        if declared is not None and union - {0}:
+            break  # one mask with foreground is enough to tell 0/255 from indices
+    if union <= {0, 255} and 255 in union and (declared is None or len(declared) == 2):
+        return (declared or ["background", "foreground"]), "binary255"
+    if declared is not None:
+        return declared, "index"
+    if not union - {0}:
+        logger.warning("all %d masks are empty (only 0); assuming a binary task", len(masks))
+        return ["background", "foreground"], "index"
+    if 255 in union:
+        others = sorted(union - {0, 255})
+        raise ValueError(
+            f"mask {where[others[0]]} has values {[v for v in others if where[v] == where[others[0]]][:10]} "
+            f"while mask {where[255]} has 255: expected label indices 0..K-1 or 0/255 binary masks; "
+            "declare the labels in a dataset.json "
+            '(e.g. {"labels": {"0": "background", "1": "a", "2": "b"}})'
+        )
+    if min(union) < 0:
+        raise ValueError(f"mask {where[min(union)]} has negative value {min(union)}; expected label indices")
+    top = max(union)
+    names = (
+        ["background", "foreground"]
+        if top == 1
+        else ["background", *(f"class_{i}" for i in range(1, top + 1))]
+    )
+    return names, "index"
+
+
+def _default_norm(image: Path) -> str:
+    """``rgb`` (divide by 255) for 8-bit images, ``zscore`` otherwise (16-bit/float TIFF, 16-bit PNG)."""
+    if file_ending(image) in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(str(image)) as tif:
+            return "rgb" if tif.series[0].dtype == np.uint8 else "zscore"
+    from PIL import Image
+
+    with Image.open(image) as img:
+        return "rgb" if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr") else "zscore"
+
+
+def parse_folder2d(root: Path) -> DatasetSpec:
+    """Describe a 2D ``images/`` + ``masks/`` folder (reads image headers and, to count classes, masks)."""
+    subsets = [s for s in SUBSETS if (root / s / "images").is_dir()]
+    if (root / "images").is_dir():
+        if subsets:
+            raise ValueError(f"{root} has both images/ and {subsets[0]}/images/; use one layout")
+        groups = {"train": _pair(root / "images", root / "masks", "train")}
+        if not (root / "masks").is_dir():
+            raise FileNotFoundError(
+                f"masks folder not found: expected {root / 'masks'} next to {root / 'images'}"
+            )
+    else:
+        if "train" not in subsets:
+            raise FileNotFoundError(f"{root}: expected {root / 'train' / 'images'} (found {subsets} only)")
+        groups = {s: _pair(root / s / "images", root / s / "masks", s) for s in subsets}
+    if not groups["train"]:
+        raise ValueError(f"no images found under {root}: expected PNG/JPG/TIFF/BMP/GIF files in images/")
+    seen: dict[str, Path] = {}
+    for case in (c for cases in groups.values() for c in cases if c.images):
+        if case.case_id in seen:
+            raise ValueError(f"duplicate case id '{case.case_id}': {seen[case.case_id]} and {case.images[0]}")
+        seen[case.case_id] = case.images[0]
+    declared = None
+    json_path = root / DATASET_JSON
+    if json_path.is_file():
+        data = read_dataset_json(json_path)
+        if "labels" in data:
+            labels = data["labels"]
+            digit_keys = isinstance(labels, dict) and all(str(k).isdigit() for k in labels)
+            declared = index_map(data, "labels", json_path) if digit_keys else label_names(labels, json_path)
+    all_cases = [c for cases in groups.values() for c in cases]
+    class_names, label_mode = _classes_from_masks(all_cases, declared)
+    first = next(c.images[0] for c in groups["train"] if c.images)
+    header = read_header(first)
+    in_channels = 1 if len(header.shape) == 2 else header.shape[-1]
+    channel_names = (
+        ["gray"]
+        if in_channels == 1
+        else (["R", "G", "B"] if in_channels == 3 else [f"channel_{i}" for i in range(in_channels)])
+    )
+    return DatasetSpec(
+        root=root,
+        layout="folder2d",
+        class_names=class_names,
+        in_channels=in_channels,
+        channel_names=channel_names,
+        cases_train=groups["train"],
+        cases_val=groups.get("val", []),
+        cases_test=groups.get("test", []),
+        file_ending=file_ending(first),
+        spatial_dims=2,
+        default_normalization=[_default_norm(first)] * in_channels,
+        label_mode=label_mode,
+        name=root.name,
+    )
