@@ -241,9 +241,9 @@ def test_root_missing_folder_is_a_value_error(tmp_path):
         dm.setup("fit")
 
 
-def test_root_existing_folder_not_implemented_yet(tmp_path):
+def test_root_empty_folder_is_a_value_error(tmp_path):
     dm = SegmentationDataModule(root=str(tmp_path))
-    with pytest.raises(NotImplementedError, match="data.root"):
+    with pytest.raises(ValueError, match=f"dataset root is empty: {tmp_path}"):
         dm.setup("fit")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="empty"):
         _ = dm.class_names

@@ -229,6 +229,33 @@ def build_normalizer(config: str | dict[str, Any]) -> Callable[[np.ndarray], np.
         raise ValueError(f"normalization '{name}': invalid arguments {kwargs}: {err}") from err
 
 
+def check_normalization(
+    config: NormConfig | Sequence[str | dict[str, Any]], in_channels: int, channel_names: Sequence[str] = ()
+) -> None:
+    """Raise naming the bad entry if ``config`` cannot normalize ``in_channels`` channels (reads no data).
+
+    >>> check_normalization(["zscore", {"name": "ct", "window": "auto"}], in_channels=2)
+    >>> check_normalization("zcore", in_channels=1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown normalization 'zcore'; expected one of ['zscore', 'ct', ...]
+    """
+    items = list(config) if isinstance(config, list | tuple) else [config] * in_channels
+    if len(items) != in_channels:
+        names = f" {list(channel_names)}" if channel_names else ""
+        raise ValueError(
+            f"normalization lists {len(items)} entries; the dataset has {in_channels} input "
+            f"channel(s){names}: give one name/dict for all, or one per channel"
+        )
+    for item in items:
+        if item is None:
+            continue
+        name, kwargs = _parse(item)
+        if kwargs.get("window") == "auto":  # estimated from the training cases in build_normalization
+            kwargs = {k: v for k, v in kwargs.items() if k != "window"}
+        build_normalizer({"name": name, **kwargs})
+
+
 def build_normalization(
     config: NormConfig | Sequence[str | dict[str, Any]] = None,
     spec: DatasetSpec | None = None,

@@ -1,10 +1,12 @@
 """Datasets over real cases: 2D slices of volumes, 3D patches with foreground oversampling, whole volumes.
 
-Every dataset yields ``{"image": float32 tensor (C, *spatial), "label": int64 tensor (*spatial), "case_id": str,
-"spacing": float32 tensor (spatial_dims,)}`` (``label`` is left out for unlabelled test cases); 2D slices also
-carry ``"slice_index"`` (int, the slice's index along the slicing axis; 0 for 2D images). ``spacing`` is the
-voxel size (mm for NIfTI, 1.0 for raster images) along the sample's spatial axes, after resampling/resizing.
-The default collate turns them into ``case_id: list[str]``, ``spacing: (B, spatial_dims)``, ``slice_index: (B,)``.
+Every dataset yields ``{"image": float32 tensor (C, *spatial), "label": int64 tensor (*spatial),
+"case_id": str, "spacing": float32 tensor (spatial_dims,)}`` (``label`` is left out for unlabelled test
+cases); 2D slices also carry ``"slice_index"`` (int, index along the slicing axis; 0 for 2D images) and
+``"slice_spacing"`` (float32 scalar tensor, the spacing along that axis; 1.0 for 2D images). ``spacing`` is
+the voxel size (mm for NIfTI, 1.0 for raster images) along the sample's spatial axes, after
+resampling/resizing. The default collate turns them into ``case_id: list[str]``, ``spacing: (B,
+spatial_dims)``, ``slice_index: (B,)`` and ``slice_spacing: (B,)``.
 
 Loading goes through a ``CaseLoader``: read the files (lazily, on first use), resample to ``target_spacing``
 (optional, off by default: ``scipy.ndimage.zoom``, linear for images and nearest for labels, applied to the
@@ -247,7 +249,7 @@ def extract_window(
     return out
 
 
-def _to_sample(
+def make_sample(
     image: np.ndarray, label: np.ndarray | None, case_id: str, spacing: Sequence[float]
 ) -> dict[str, Any]:
     """``{"image": float32 (C, *spatial), "label": int64 (*spatial), "case_id", "spacing": float32 (D,)}``."""
@@ -261,7 +263,7 @@ def _to_sample(
     return sample
 
 
-class _RandomMixin:
+class WorkerRandom:
     """Numpy generator per process, seeded from torch (reproducible via ``seed_everything(workers=True)``)."""
 
     _gen: np.random.Generator | None = None
@@ -277,7 +279,9 @@ class _RandomMixin:
         return self._gen
 
 
-def _fit_starts(shape: Sequence[int], size: Sequence[int], mode: str, rng: np.random.Generator) -> list[int]:
+def window_starts(
+    shape: Sequence[int], size: Sequence[int], mode: str, rng: np.random.Generator
+) -> list[int]:
     """Window starts for ``mode`` ``random`` (uniform) or ``center``; negative starts pad small images."""
     starts = []
     for dim, n in zip(shape, size, strict=True):
@@ -286,7 +290,7 @@ def _fit_starts(shape: Sequence[int], size: Sequence[int], mode: str, rng: np.ra
     return starts
 
 
-class SliceDataset2D(_RandomMixin, Dataset):
+class SliceDataset2D(WorkerRandom, Dataset):
     """2D slices along ``axis`` of the cases' volumes (a 2D case is its own single slice).
 
     ``foreground_only`` keeps slices whose label has foreground; ``foreground_fraction=f`` keeps all of them
@@ -367,31 +371,32 @@ class SliceDataset2D(_RandomMixin, Dataset):
     def __len__(self) -> int:
         return len(self.case_index)
 
-    def _slice(self, index: int) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
-        """Image ``(C, H, W)``, label ``(H, W)`` and in-plane spacing of slice ``index``, before resizing."""
+    def _slice(self, index: int) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...], float]:
+        """Image ``(C, H, W)``, label ``(H, W)``, in-plane spacing and slice spacing, before resizing."""
         loaded = self.loader.load(self.cases[self.case_index[index]])
         spacing = tuple(loaded.spacing)
         if loaded.image.ndim == 3:
-            return loaded.image, loaded.label, spacing
+            return loaded.image, loaded.label, spacing, 1.0
         s = int(self.slice_index[index])
         image = np.take(loaded.image, s, axis=self.axis + 1)
         label = None if loaded.label is None else np.take(loaded.label, s, axis=self.axis)
-        return image, label, tuple(v for a, v in enumerate(spacing) if a != self.axis)
+        return image, label, tuple(v for a, v in enumerate(spacing) if a != self.axis), spacing[self.axis]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, label, spacing = self._slice(index)
+        image, label, spacing, slice_spacing = self._slice(index)
         if self.resize is not None and image.shape[1:] != self.resize:
             spacing = tuple(v * n / m for v, n, m in zip(spacing, image.shape[1:], self.resize, strict=True))
             image, label = _resize2d(image, label, self.resize)
         rng = self.rng()
         if self.patch_size is not None:
-            starts = _fit_starts(image.shape[1:], self.patch_size, self.crop, rng)
+            starts = window_starts(image.shape[1:], self.patch_size, self.crop, rng)
             image = extract_window(image, starts, self.patch_size)
             label = None if label is None else extract_window(label, starts, self.patch_size)
         if self.transform is not None:
             image, label = self.transform(image, label, rng)
-        sample = _to_sample(image, label, self.cases[self.case_index[index]].case_id, spacing)
+        sample = make_sample(image, label, self.cases[self.case_index[index]].case_id, spacing)
         sample["slice_index"] = int(self.slice_index[index])
+        sample["slice_spacing"] = torch.tensor(float(slice_spacing), dtype=torch.float32)
         return sample
 
 
@@ -435,7 +440,7 @@ class ImageDataset2D(SliceDataset2D):
         super().__init__(cases, loader, patch_size=patch_size, transform=transform, crop=crop, resize=resize)
 
 
-class PatchDataset(_RandomMixin, Dataset):
+class PatchDataset(WorkerRandom, Dataset):
     """Random patches of ``patch_size`` with nnU-Net-style foreground oversampling (3D volumes, or 2D images).
 
     Each sample picks its case round-robin (``samples_per_case`` samples per case and epoch); with probability
@@ -482,7 +487,7 @@ class PatchDataset(_RandomMixin, Dataset):
         loaded = self.loader.load(self.cases[index % len(self.cases)])
         rng = self.rng()
         shape = loaded.image.shape[1:]
-        starts = _fit_starts(shape, self.patch_size, "random", rng)
+        starts = window_starts(shape, self.patch_size, "random", rng)
         if rng.random() < self.oversample_foreground:
             locations = loaded.foreground_locations()
             if locations:
@@ -497,7 +502,7 @@ class PatchDataset(_RandomMixin, Dataset):
         label = None if loaded.label is None else extract_window(loaded.label, starts, self.patch_size)
         if self.transform is not None:
             image, label = self.transform(image, label, rng)
-        return _to_sample(image, label, loaded.case_id, loaded.spacing)
+        return make_sample(image, label, loaded.case_id, loaded.spacing)
 
 
 class VolumeDataset(Dataset):
@@ -540,7 +545,7 @@ class VolumeDataset(Dataset):
             size = tuple(-(-d // m) * m for d in shape)
         if size is not None:
             rng = np.random.default_rng(0)  # unused by "center"
-            starts = _fit_starts(shape, size, "center", rng) if self.crop_size else [0] * len(size)
+            starts = window_starts(shape, size, "center", rng) if self.crop_size else [0] * len(size)
             image = extract_window(image, starts, size)
             label = None if label is None else extract_window(label, starts, size)
-        return _to_sample(image, label, case.case_id, loaded.spacing)
+        return make_sample(image, label, case.case_id, loaded.spacing)
