@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -34,11 +35,21 @@ def _records(path: Path):
             yield record
 
 
+def finished(run_dir: Path, timeout: float = 60.0) -> Path:
+    """``run_dir`` once W&B has written its exit record (its writer can lag behind ``finish()``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (path,) = Path(run_dir).glob("run-*.wandb")
+        if any(r.WhichOneof("record_type") == "exit" for r in _records(path)) or time.monotonic() > deadline:
+            return Path(run_dir)
+        time.sleep(0.2)
+
+
 def offline_run(save_dir: Path) -> Path:
-    """The single offline run folder under ``save_dir/wandb``."""
+    """The single offline run folder under ``save_dir/wandb``, once its writer has finished."""
     runs = sorted(Path(save_dir, "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline W&B run in {save_dir}, found {runs}"
-    return runs[0]
+    return finished(runs[0])
 
 
 def history(run_dir: Path) -> list[dict]:
