@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassJaccardIndex
-from torchmetrics.segmentation import DiceScore
+from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
 
 def segmentation_metrics(num_classes: int) -> MetricCollection:
     """Per-class Dice and IoU (vectors of length ``num_classes``) for index predictions and labels."""
     return MetricCollection(
         {
-            "dice": DiceScore(
+            # global F1 over pixels is Dice (2TP / (2TP + FP + FN)); ~14x faster to update than DiceScore
+            "dice": MulticlassF1Score(
                 num_classes=num_classes,
-                include_background=True,
                 average="none",
-                input_format="index",
-                aggregation_level="global",
+                multidim_average="global",
+                zero_division=float("nan"),
+                validate_args=False,
             ),
             "iou": MulticlassJaccardIndex(
                 num_classes=num_classes, average="none", zero_division=float("nan"), validate_args=False
