@@ -61,6 +61,17 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def cpu_model() -> str:
+    """CPU model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def base_net_args() -> dict[str, Any]:
     """The UNet arguments of ``configs/unet_skip.yaml``."""
     config = yaml.safe_load((REPO / "configs" / "unet_skip.yaml").read_text())
@@ -144,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "training step through lightning.Trainer, base-config UNet "
         f"{base_net_args()['channels']}, {base_net_args()['long_skip']} skips",
-        "device": torch.cuda.get_device_name() if accelerator == "gpu" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+        "device": torch.cuda.get_device_name() if accelerator == "gpu" else cpu_model(),
+        "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "torch": torch.__version__, "lightning": L.__version__,
         "image_size": args.size, "batch_size": args.batch_size, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "repeats": args.repeats, "step_time": "fastest timed step of a fit",

@@ -5,11 +5,20 @@ Configuration is LightningCLI (jsonargparse): the YAML mirrors the constructors 
 (``RunLogging``). ``configs/unet_skip.yaml`` is the base config: every ``--config`` file is applied on top of
 it, so variants are overlays of a few lines. A bare config name is looked up in ``./configs`` and in the
 repository's ``configs/``; any value can be overridden, e.g. ``--model.net.init_args.long_skip add``.
+
+Scale-out options (see ``docs/cluster.md``): ``--trainer.precision bf16-mixed``, ``--performance.memory_format
+channels_last``, ``--performance.compile true``, ``--trainer.devices N --trainer.strategy ddp``,
+``--trainer.num_nodes M``, and ``--resume last|auto|RUN_FOLDER|CKPT`` to continue a run where it stopped
+(epoch, optimizer, scheduler, CSV log, W&B run). Lightning's SLURM requeue checkpoints (``hpc_ckpt_N.ckpt``)
+go into the run folder, which is the Trainer's ``default_root_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +27,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from unetseg.callbacks import (
+    AtomicCheckpointIO,
+    Performance,
+    UnpaddedDistributedEval,
+    remove_stale_temporaries,
+)
 from unetseg.data import SegmentationDataModule
 from unetseg.loggers import RunLogging, SaveConfigToLoggers, WandbLogger
 from unetseg.module import SegmentationModule
@@ -26,6 +42,17 @@ from unetseg.module import SegmentationModule
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = "unet_skip.yaml"
 CONFIG_FLAGS = ("-c", "--config")
+# Set in os.environ by Lightning during a run (launcher, process group, seeding): restored by ``main``.
+RUN_ENV = (
+    "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+    "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+)
+RESUME_HELP = (
+    "Continue a run where it stopped (epoch, optimizer, scheduler, CSV log and W&B run): 'last' (the run of "
+    "this config name with the newest checkpoint), 'auto' (the run folder named by --logging.version if it "
+    "has a checkpoint, else start it; for requeued cluster jobs), a run folder (runs/NAME/version_N) or a "
+    ".ckpt file."
+)
 
 
 def config_dirs() -> list[Path]:
@@ -68,24 +95,121 @@ def _config_stem(args: list[str]) -> str:
     return Path(names[-1]).stem if names else Path(BASE_CONFIG).stem
 
 
+@dataclass
+class ResumePoint:
+    """Where ``--resume`` continues: the run folder (``None``: a checkpoint outside any run folder, continued
+    in a new one) and the checkpoint (``None``: no checkpoint yet, the folder starts from scratch)."""
+
+    run_dir: Path | None
+    checkpoint: Path | None
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest resumable checkpoint of a run folder: ``checkpoints/last*.ckpt`` or Lightning's SLURM
+    ``hpc_ckpt_N.ckpt`` (saved on the requeue signal), by modification time; ``None`` if there is none."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+
+
+def resolve_resume(value: str, save_dir: str, name: str, version: int | str | None = None) -> ResumePoint:
+    """Turn a ``--resume`` value into a run folder and checkpoint; a clear ``ValueError`` when there is none.
+
+    ``last``: of the runs ``save_dir/name/*``, the one with the newest checkpoint. ``auto``: the folder
+    ``save_dir/name/version`` (``--logging.version`` required), with its newest checkpoint or none (a fresh
+    start). A folder: that run. A ``.ckpt`` file: that checkpoint, in its run folder when it is in one
+    (``.../checkpoints/x.ckpt`` or ``.../hpc_ckpt_N.ckpt`` next to ``metrics.csv``/``hparams.yaml``).
+    """
+    root = Path(save_dir, name)
+    if value == "last":
+        folders = root.iterdir() if root.is_dir() else []
+        runs = [(ckpt, d) for d in folders if (ckpt := newest_checkpoint(d))]
+        if not runs:
+            raise ValueError(f"--resume last: no run of {name!r} with a checkpoint under {root}")
+        ckpt, run_dir = max(runs, key=lambda r: r[0].stat().st_mtime_ns)
+        return ResumePoint(run_dir, ckpt)
+    if value == "auto":
+        if version is None:
+            raise ValueError(
+                "--resume auto needs a fixed run folder: set --logging.version (e.g. slurm-$SLURM_JOB_ID)"
+            )
+        run_dir = root / (version if isinstance(version, str) else f"version_{version}")
+        return ResumePoint(run_dir, newest_checkpoint(run_dir))
+    path = Path(value)
+    if path.is_dir():
+        ckpt = newest_checkpoint(path)
+        if ckpt is None:
+            raise ValueError(
+                f"--resume {value}: no checkpoint in that folder (looked for checkpoints/last*.ckpt and "
+                "hpc_ckpt_*.ckpt)"
+            )
+        return ResumePoint(path, ckpt)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        is_run = any((run_dir / f).exists() for f in ("checkpoints", "metrics.csv", "hparams.yaml"))
+        return ResumePoint(run_dir if is_run else None, path)
+    raise ValueError(
+        f"--resume {value!r}: no such run folder or checkpoint; expected 'last', 'auto', a run folder "
+        f"(e.g. {root / 'version_0'}) or a .ckpt file"
+    )
+
+
+def _with_atomic_checkpoints(plugins: object) -> list:
+    """Trainer plugins plus ``AtomicCheckpointIO`` unless a ``CheckpointIO`` is given."""
+    if plugins is None:
+        plugins = []
+    plugins = list(plugins) if isinstance(plugins, Sequence) and not isinstance(plugins, str) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
 class UNetSegCLI(LightningCLI):
-    """LightningCLI with the data's classes and channels linked into the model and a ``logging`` group."""
+    """LightningCLI with the data's classes and channels linked into the model, a ``logging`` group, a
+    ``performance`` group (``unetseg.callbacks.Performance``) and ``--resume``."""
+
+    resume_checkpoint: Path | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunLogging, "logging")
+        parser.add_lightning_class_args(Performance, "performance")
         parser.add_argument("--test", type=bool, default=True, help="Test the best checkpoint after fitting.")
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="Checkpoint to resume fitting from."
         )
+        parser.add_argument("--resume", type=str | None, default=None, help=RESUME_HELP)
         parser.link_arguments("data.num_classes", "model.net.init_args.out_channels", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.net.init_args.in_channels", apply_on="instantiate")
         parser.link_arguments("data.spatial_dims", "model.net.init_args.spatial_dims", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        if self._get(self.config_init, "trainer", default={}).get("logger") is None:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        resume = self._get(self.config_init, "resume")
+        if resume and self._get(self.config_init, "ckpt_path"):
+            raise ValueError("--resume and --ckpt_path both given: use one (--resume continues the logs too)")
+        if trainer_config.get("logger") is None:
             run_logging: RunLogging = self._get(self.config_init, "logging")
-            kwargs["logger"] = run_logging.build(default_name=getattr(self, "default_run_name", "unetseg"))
+            name = run_logging.name or getattr(self, "default_run_name", "unetseg")
+            point = None
+            if resume:
+                point = resolve_resume(resume, run_logging.save_dir, name, run_logging.version)
+            if point is not None and point.run_dir is not None:
+                run_logging.save_dir = str(point.run_dir.parent.parent)
+                run_logging.name = point.run_dir.parent.name
+                run_logging.version = point.run_dir.name
+                remove_stale_temporaries(point.run_dir / "checkpoints")
+            self.resume_checkpoint = point.checkpoint if point is not None else None
+            loggers = run_logging.build(default_name=name, resume=self.resume_checkpoint is not None)
+            kwargs["logger"] = loggers
+            # The run folder is the Trainer's root: Lightning's SLURM requeue checkpoints land in it, and a
+            # fresh run never picks up another run's hpc_ckpt_N.ckpt from a shared folder.
+            kwargs["default_root_dir"] = loggers[0].log_dir
+        elif resume:
+            if resume in ("last", "auto"):
+                raise ValueError(f"--resume {resume} needs the built-in logging: leave trainer.logger unset")
+            self.resume_checkpoint = resolve_resume(resume, ".", "", None).checkpoint
+        kwargs["plugins"] = _with_atomic_checkpoints(trainer_config.get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
 
@@ -100,6 +224,7 @@ class RunResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
     best_model_path: str = ""
     log_dir: str | None = None
+    resumed_from: str | None = None
 
 
 def _metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -122,13 +247,15 @@ def build_cli(args: list[str]) -> UNetSegCLI:
     # mis-parses callable types such as the optimizer).
     if any(d.joinpath(BASE_CONFIG).is_file() for d in config_dirs()):
         args = ["--config", resolve_config(BASE_CONFIG), *args]
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         monitor="val/dice",
         mode="max",
-        save_last=True,
         filename="best-epoch{epoch:03d}-dice{val/dice:.4f}",
         auto_insert_metric_name=False,
     )
+    # last.ckpt after every validation (every epoch), what --resume continues from. Not save_last=True on
+    # the monitored callback: since Lightning 2.6 that refreshes last.ckpt only when a new best is saved.
+    last = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
     cli_class = type("UNetSegCLI", (UNetSegCLI,), {"default_run_name": _config_stem(args)})
     try:
         return cli_class(
@@ -139,16 +266,44 @@ def build_cli(args: list[str]) -> UNetSegCLI:
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigToLoggers,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [checkpoint]},
+            trainer_defaults={"callbacks": [best, last, UnpaddedDistributedEval()]},
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"unetseg: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 
 
+@contextlib.contextmanager
+def _restored_environment(keys: Sequence[str] = RUN_ENV) -> Iterator[None]:
+    """Put ``keys`` of ``os.environ`` back as they were, whatever the block set or removed."""
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def main(args: list[str] | None = None) -> RunResult:
-    """Fit, then test the best checkpoint (``--test false`` skips it); returns objects and metrics."""
-    args = sys.argv[1:] if args is None else list(args)
+    """Fit, then test the best checkpoint (``--test false`` skips it); returns objects and metrics.
+
+    Environment variables that Lightning sets for a run (``LOCAL_RANK``, ``MASTER_PORT``, ``PL_GLOBAL_SEED``
+    ..., see ``RUN_ENV``) are restored afterwards: a later run in the same process, or a process it starts,
+    would otherwise believe it was launched as a DDP worker (and wait forever for the other ranks). So is
+    torch's CPU thread count, which Lightning's DDP setup changes.
+    """
+    threads = torch.get_num_threads()
+    with _restored_environment():
+        try:
+            return _main(sys.argv[1:] if args is None else list(args))
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _main(args: list[str]) -> RunResult:
     try:
         cli = build_cli(args)
     except FileNotFoundError as err:  # from resolve_config, before parsing
@@ -156,9 +311,11 @@ def main(args: list[str] | None = None) -> RunResult:
         raise SystemExit(2) from err
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     cfg = cli.config
+    resumed = str(cli.resume_checkpoint) if cli.resume_checkpoint is not None else None
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=data, ckpt_path=resumed or cfg.get("ckpt_path"))
         result = RunResult(trainer, model, data, val_metrics=_metrics(trainer.callback_metrics))
+        result.resumed_from = resumed
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         result.best_model_path = best
         result.log_dir = trainer.log_dir

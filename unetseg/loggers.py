@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -14,11 +15,19 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
+WANDB_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
+
+
+def read_wandb_id(run_dir: str | Path) -> str | None:
+    """The W&B run id recorded in ``run_dir`` by a previous start of that run, ``None`` if there is none."""
+    path = Path(run_dir, WANDB_ID_FILE)
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 def wandb_has_credentials() -> bool:
@@ -37,7 +46,8 @@ class WandbLogger(_LightningWandbLogger):
 
     It logs offline (to ``save_dir/wandb/offline-run-*``, syncable later with ``wandb sync``) when there is no
     API key or ``WANDB_MODE`` is offline, and falls back to offline when an online start fails (no network,
-    timeout after ``init_timeout`` seconds).
+    timeout after ``init_timeout`` seconds). ``id_file``: where the run id is written when the run starts
+    (rank 0 only), so that a resumed run can pass it back as ``id``.
 
     >>> logger = WandbLogger(project="unetseg", save_dir="runs", offline=True)
     >>> logger._offline
@@ -45,8 +55,15 @@ class WandbLogger(_LightningWandbLogger):
     """
 
     def __init__(
-        self, *args: Any, offline: bool | None = None, init_timeout: float = 60.0, **kwargs: Any
+        self,
+        *args: Any,
+        offline: bool | None = None,
+        init_timeout: float = 60.0,
+        id_file: str | None = None,
+        **kwargs: Any,
     ) -> None:
+        self.id_file = id_file
+        self._id_recorded = False
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "") in OFFLINE_MODES or not wandb_has_credentials()
         if not offline:
@@ -59,7 +76,7 @@ class WandbLogger(_LightningWandbLogger):
     @rank_zero_experiment
     def experiment(self) -> Any:
         try:
-            return super().experiment
+            run = super().experiment
         except Exception as err:  # W&B must not end a training run
             if self._offline:
                 raise
@@ -69,17 +86,76 @@ class WandbLogger(_LightningWandbLogger):
             self._offline = True
             self._wandb_init["mode"] = "offline"
             self._wandb_init.pop("settings", None)
-            return super().experiment
+            run = super().experiment
+        self._record_id(run)
+        return run
+
+    def _record_id(self, run: Any) -> None:
+        """Write the run id to ``id_file`` (once) so that ``--resume`` continues this W&B run."""
+        run_id = getattr(run, "id", None)
+        if not self.id_file or not run_id or self._id_recorded:
+            return
+        path = Path(self.id_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{run_id}\n")
+        self._id_recorded = True
+
+
+class _RunExperimentWriter(ExperimentWriter):
+    """CSV writer that continues an existing ``metrics.csv`` when resuming (Lightning's always deletes it) and
+    warns only about an old ``metrics.csv``, not about other files of the run folder."""
+
+    def __init__(self, log_dir: str, resume: bool = False) -> None:
+        self.resume = resume
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        if self.resume:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+        else:
+            log.warning(
+                "%s exists from an earlier run in this folder: it is replaced", self.metrics_file_path
+            )
+            self._fs.rm_file(self.metrics_file_path)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger``; with ``resume=True`` it continues ``metrics.csv`` in an existing run folder.
+
+    Rows logged between the checkpoint a run resumes from and the moment it stopped are kept, so after a
+    resume some ``step`` values appear twice (the replayed steps, logged again).
+
+    >>> RunCSVLogger("runs", name="demo", version="version_3", resume=True).log_dir.endswith("version_3")
+    True
+    """
+
+    def __init__(self, *args: Any, resume: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume = resume
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _RunExperimentWriter(log_dir=self.log_dir, resume=self.resume)
+        return self._experiment
 
 
 class RunLogging:
     """Where a run is logged: ``save_dir/<name>/version_N/`` (CSV metrics, config, checkpoints) and W&B.
 
     ``name`` defaults to the stem of the last ``--config`` file (``unet_add``); ``group`` and ``tags`` are
-    passed to W&B (the ablation runner sets them).
+    passed to W&B (the ablation runner sets them). ``version`` names the run folder (``version_N``, the next
+    free one, when ``None``); a fixed one (``slurm-$SLURM_JOB_ID``) lets a requeued job find its run again.
+    The W&B run id is written to ``<run folder>/wandb_run_id.txt``; ``build(resume=True)`` continues that
+    W&B run and the folder's ``metrics.csv``.
 
     >>> [type(lg).__name__ for lg in RunLogging(wandb=False).build("demo")]
-    ['CSVLogger']
+    ['RunCSVLogger']
     """
 
     def __init__(
@@ -91,6 +167,7 @@ class RunLogging:
         tags: list[str] | None = None,
         wandb: bool = True,
         offline: bool | None = None,
+        version: int | str | None = None,
     ) -> None:
         self.save_dir = save_dir
         self.name = name
@@ -99,21 +176,32 @@ class RunLogging:
         self.tags = list(tags or [])
         self.wandb = wandb
         self.offline = offline
+        self.version = version
 
-    def build(self, default_name: str = "unetseg") -> list[Logger]:
-        """The loggers for one run; the CSV logger comes first so files land in its versioned folder."""
+    def build(self, default_name: str = "unetseg", resume: bool = False) -> list[Logger]:
+        """The loggers for one run; the CSV logger comes first so files land in its versioned folder.
+
+        ``resume=True`` continues the run folder's ``metrics.csv`` and its recorded W&B run.
+        Paths are made absolute, so that a resumed run's checkpoint folder matches the one recorded in its
+        checkpoint (Lightning compares them as strings) wherever it is resumed from.
+        """
         name = self.name or default_name
-        loggers: list[Logger] = [CSVLogger(save_dir=self.save_dir, name=name)]
+        save_dir = os.path.abspath(self.save_dir)
+        csv_logger = RunCSVLogger(save_dir=save_dir, name=name, version=self.version, resume=resume)
+        loggers: list[Logger] = [csv_logger]
         if self.wandb:
-            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            run_id = read_wandb_id(csv_logger.log_dir) if resume else None
             loggers.append(
                 WandbLogger(
                     name=name,
                     project=self.project,
                     group=self.group,
                     tags=self.tags,
-                    save_dir=self.save_dir,
+                    save_dir=save_dir,
                     offline=self.offline,
+                    id=run_id,
+                    id_file=os.path.join(csv_logger.log_dir, WANDB_ID_FILE),
                 )
             )
         return loggers
