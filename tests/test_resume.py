@@ -47,7 +47,9 @@ def _val_epochs(run_dir: Path) -> list[int]:
 
 
 def _wandb_ids(save_dir: Path) -> list[str]:
-    return [p.name.rsplit("-", 1)[-1] for p in sorted((save_dir / "wandb").glob("offline-run-*"))]
+    """Run id of each offline run folder, from its ``run-<id>.wandb`` file (folder names may get a suffix)."""
+    files = sorted((save_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    return [f.stem.removeprefix("run-") for f in files]
 
 
 def test_resume_last_continues_epoch_optimizer_scheduler_csv_and_wandb(tmp_path):

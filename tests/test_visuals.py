@@ -65,6 +65,7 @@ def test_overlays_every_n_epochs_as_png_and_wandb_images_with_named_classes(tmp_
             "true",
             "--trainer.max_epochs",
             "3",
+            "--trainer.callbacks=[]",  # drop the base config's callbacks: this test sets its own
             "--trainer.callbacks+=unetseg.visuals.SegmentationOverlays",
             "--trainer.callbacks.every_n_epochs",
             "2",
@@ -103,6 +104,7 @@ def test_every_n_epochs_zero_turns_it_off(tmp_path, run_args):
             *QUIET,
             "--logging.wandb",
             "true",
+            "--trainer.callbacks=[]",  # drop the base config's callbacks: this test sets its own
             "--trainer.callbacks+=unetseg.visuals.SegmentationOverlays",
             "--trainer.callbacks.every_n_epochs",
             "0",
