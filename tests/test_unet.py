@@ -245,7 +245,8 @@ def test_ronneberger_configuration_is_exact():
 
 
 def test_blocks_registry():
-    assert BLOCKS == {"plain": DoubleConv, "residual": ResidualDoubleConv}
+    assert {"plain": DoubleConv, "residual": ResidualDoubleConv}.items() <= BLOCKS.items()
+    assert "dense" in BLOCKS
     assert not any(isinstance(m, ResidualDoubleConv) for m in UNet(channels=TINY).modules())
     assert sum(isinstance(m, ResidualDoubleConv) for m in UNet(channels=TINY, residual=True).modules()) == 5
 
@@ -367,8 +368,8 @@ def test_bad_arguments_raise_value_error(kwargs, fragments):
 
 
 def test_encoder_and_decoder_validate_too():
-    with pytest.raises(ValueError, match=r"block='dense' is not one of \['plain', 'residual'\]"):
-        Encoder(2, 1, TINY, block="dense")
+    with pytest.raises(ValueError, match=r"block='densest' is not one of \['dense', 'plain', 'residual'\]"):
+        Encoder(2, 1, TINY, block="densest")
     with pytest.raises(ValueError, match=r"upsample='pixelshuffle'"):
         Decoder(2, TINY, upsample="pixelshuffle")
 

@@ -1,6 +1,7 @@
 """Pure-PyTorch networks: the configurable-skip UNet and its parts."""
 
-from unetseg.nets.blocks import BLOCKS, DoubleConv, ResidualDoubleConv
+from unetseg.nets.blocks import BLOCKS, DenseDoubleConv, DoubleConv, ResidualDoubleConv
+from unetseg.nets.encoders import EncoderUNet
 from unetseg.nets.skips import LONG_SKIPS, AddSkip, ConcatSkip, NoSkip
 from unetseg.nets.unet import Decoder, Encoder, UNet
 
@@ -10,8 +11,10 @@ __all__ = [
     "AddSkip",
     "ConcatSkip",
     "Decoder",
+    "DenseDoubleConv",
     "DoubleConv",
     "Encoder",
+    "EncoderUNet",
     "NoSkip",
     "ResidualDoubleConv",
     "UNet",

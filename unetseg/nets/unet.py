@@ -47,6 +47,35 @@ def _check_common(
     return tuple(channels)
 
 
+def resolve_block(block: str | None, residual: bool = False) -> str:
+    """The block name from ``block`` and the older ``residual`` flag; they must not contradict."""
+    if block is None:
+        return "residual" if residual else "plain"
+    check_choice("block", block, sorted(BLOCKS))
+    if residual and block != "residual":
+        raise ValueError(f"residual=True contradicts block={block!r}: give one of them (block='residual')")
+    return block
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
+    """Zero-pad every spatial dim of ``x`` up to a multiple of ``multiple`` (``pad // 2`` before, the rest
+    after); also return the start of the original data in each dim (for :func:`crop_to`)."""
+    pad: list[int] = []  # F.pad order: last dimension first
+    starts: list[int] = []
+    for size in x.shape[2:]:
+        total = (multiple - size % multiple) % multiple
+        starts.append(total // 2)
+        pad = [total // 2, total - total // 2] + pad
+    return F.pad(x, pad), starts
+
+
+def crop_to(x: Tensor, starts: list[int], sizes: list[int]) -> Tensor:
+    """Crop the spatial dims of ``x`` to ``sizes`` from ``starts`` (undoes :func:`pad_to_multiple`)."""
+    for dim in range(len(sizes)):  # plain indexing: TorchScript rejects zip(strict=...)
+        x = x.narrow(dim + 2, starts[dim], sizes[dim])
+    return x
+
+
 def _num_params(module: nn.Module) -> int:
     """Number of parameters (works for modules on the meta device)."""
     return sum(p.numel() for p in module.parameters())
@@ -187,8 +216,11 @@ class UNet(nn.Module):
             bottleneck (including the full-resolution one).
         long_skip: ``"concat"`` (Ronneberger), ``"add"`` or ``"none"``, or a list/tuple with one mode per
             skip, **shallowest first** (entry 0 is the full-resolution skip).
-        residual: use :class:`~unetseg.nets.blocks.ResidualDoubleConv` instead of
-            :class:`~unetseg.nets.blocks.DoubleConv` in every level.
+        residual: shorthand for ``block="residual"`` (kept for existing configs).
+        block: the block of every level, a name in :data:`~unetseg.nets.blocks.BLOCKS`: ``"plain"``
+            (:class:`~unetseg.nets.blocks.DoubleConv`), ``"residual"`` (short additive skips,
+            :class:`~unetseg.nets.blocks.ResidualDoubleConv`) or ``"dense"`` (short concatenating skips,
+            :class:`~unetseg.nets.blocks.DenseDoubleConv`); ``None`` follows ``residual``.
         norm: ``"batch"``, ``"instance"`` (affine), ``"group"`` (the largest group count <= 8 that divides
             the channels) or ``None`` (convs then carry a bias).
         upsample: ``"transpose"`` (2x2 up-conv, stride 2) or ``"interp"`` ((bi/tri)linear 2x resize then
@@ -220,9 +252,10 @@ class UNet(nn.Module):
         norm: str | None = "batch",
         upsample: str = "transpose",
         dropout: float = 0.0,
+        block: str | None = None,
     ) -> None:
         super().__init__()
-        block = "residual" if residual else "plain"
+        block = resolve_block(block, residual)
         channels = _check_common(spatial_dims, channels, block, norm, dropout)
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("out_channels", out_channels)
@@ -232,6 +265,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
+        self.block = block
         self.size_multiple = 2 ** (len(channels) - 1)
 
         self.encoder = Encoder(spatial_dims, in_channels, channels, block, norm, dropout)
@@ -239,18 +273,22 @@ class UNet(nn.Module):
         self.head = conv_cls(spatial_dims)(channels[0], out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        sizes = x.shape[2:]
-        pad: list[int] = []  # F.pad order: last dimension first
-        starts: list[int] = []
-        for size in sizes:
-            total = (self.size_multiple - size % self.size_multiple) % self.size_multiple
-            starts.append(total // 2)
-            pad = [total // 2, total - total // 2] + pad
-        x = F.pad(x, pad)
-        out = self.head(self.decoder(self.encoder(x)))
-        for dim, size in enumerate(sizes):
-            out = out.narrow(dim + 2, starts[dim], size)
-        return out
+        padded, starts = pad_to_multiple(x, self.size_multiple)
+        return crop_to(self.head(self.decoder(self.encoder(padded))), starts, x.shape[2:])
+
+    def layer_groups(self) -> dict[str, nn.Module]:
+        """The net's parts in data-flow order: ``encoder.<i>``, ``bottleneck``, ``decoder.<i>``, ``head``.
+
+        Level ``i`` is the resolution level (0 = full resolution) of both the encoder and the decoder; the
+        decoder runs deep to shallow. A decoder level includes its upsampling and its skip merge.
+        """
+        *levels, bottleneck = self.encoder.stages
+        groups: dict[str, nn.Module] = {f"encoder.{i}": stage for i, stage in enumerate(levels)}
+        groups["bottleneck"] = bottleneck
+        last = len(self.decoder.stages) - 1
+        groups |= {f"decoder.{last - j}": stage for j, stage in enumerate(self.decoder.stages)}
+        groups["head"] = self.head
+        return groups
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts: ``encoder`` (incl. bottleneck), ``decoder``, ``skips``, ``head`` and ``total``.
