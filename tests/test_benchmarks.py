@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from benchmarks import _common, flops, framework_overhead, memory, models, report
+from benchmarks import _common, flops, framework_overhead, gradflow_overhead, memory, models, report
+from unetseg.gradflow import layer_groups
+from unetseg.module import SegmentationModule
+from unetseg.nets import UNet
 
 # Keys holding times, ratios, rates or sizes: always > 0. Differences (overhead, growth) may be <= 0.
 POSITIVE = {
@@ -48,6 +52,7 @@ def quick_dir(tmp_path_factory) -> Path:
         (models, []),
         (flops, []),
         (memory, ["--scales", "1"]),
+        (gradflow_overhead, []),
     ):
         module.main(["--quick", *extra, "--out", str(out)])
     return out
@@ -95,6 +100,8 @@ def test_framework_overhead_quick(quick_dir):
 def test_models_quick(quick_dir):
     r = load(quick_dir, "models")
     assert r["smp"] == "available" or r["smp"].startswith("unavailable: ")
+    if os.environ.get("UNETSEG_REQUIRE_SMP"):  # CI installs the [smp] extra
+        assert r["smp"] == "available"
     table = r["frameworks"]["models"]
     expected = {"unetseg", "monai_basicunet", "unetseg_instance", "monai_basicunet_default", "monai_unet"}
     assert expected <= set(table) and ("smp_unet" in table) == (r["smp"] == "available")
@@ -130,6 +137,25 @@ def test_flops_quick(quick_dir):
         assert v["gflop_per_s"] == pytest.approx(res["gflop_per_step"] / v["median_s"])
         dtype = "fp32" if name == "fp32" else "bf16"
         assert v["fraction_of_peak"] == pytest.approx(v["gflop_per_s"] / peak[dtype]["gflop_per_s"])
+
+
+def test_gradflow_overhead_quick(quick_dir):
+    r = load(quick_dir, "gradflow_overhead")
+    groups = len(layer_groups(SegmentationModule(UNet(channels=(16, 32, 64, 128), out_channels=4))))
+    cost = r["record_cost"]
+    # every call of the hooks recorded one entry per layer group of the real module
+    assert cost["groups"] == cost["records_per_call"] == groups
+    assert cost["ratio"]["n"] == cost["record"]["n"] == cost["train_step"]["n"]
+    runs = r["end_to_end"]
+    assert set(runs) == set(gradflow_overhead.SETTINGS)
+    # the timed fits really ran with the callback: k=1 records every step, k=10 steps 0, 10, ...
+    steps = r["steps"]
+    assert runs["without"]["records_per_fit"] == 0
+    assert runs["every_1"]["records_per_fit"] == steps * groups
+    assert runs["every_10"]["records_per_fit"] == math.ceil(steps / 10) * groups
+    assert runs["without"]["ratio_vs_without"]["median"] == 1.0
+    for entry in runs.values():
+        assert entry["ratio_vs_without"]["n"] == entry["cpu_s_per_step"]["n"] == r["repeats"]
 
 
 def test_memory_quick_one_scale(quick_dir):

@@ -244,7 +244,7 @@ def test_dockerfile_pins_the_torch_of_the_constraints_and_runs_train_py():
     assert image == "pytorch/pytorch" and tag and tag != "latest" and "cuda" in tag and "runtime" in tag
     (torch_pin,) = re.findall(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), flags=re.M)
     assert tag.startswith(f"{torch_pin}-"), (tag, torch_pin)
-    assert re.search(r"pip install -c constraints.txt \.", text)
+    assert re.search(r'pip install -c constraints.txt "?\.\[smp\]', text)  # the smp encoders are in the image
     assert 'ENTRYPOINT ["python", "train.py"]' in text
     ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
     assert ignore.index("**") < ignore.index("!unetseg/") and "**/*.ckpt" in ignore
