@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,9 @@ def load_run(ckpt: str | Path, config: str | Path | None = None) -> tuple[nn.Mod
         raise FileNotFoundError(
             f"no config for {ckpt}: expected the run's {config} (written by the training CLI); pass --config"
         )
-    cli = build_cli(["--config", str(config), "--trainer.logger", "false", "--test", "false"])
+    with warnings.catch_warnings():  # LightningCLI warns when called with args while sys.argv has others
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        cli = build_cli(["--config", str(config), "--trainer.logger", "false", "--test", "false"])
     state = torch.load(ckpt, map_location="cpu", weights_only=False)  # a local, trusted Lightning checkpoint
     cli.model.load_state_dict(state["state_dict"])
     return cli.model, cli.datamodule

@@ -224,10 +224,12 @@ def markdown(
                 f"- `{p['a']}` and `{p['b']}`: the mean ± std intervals overlap; the difference "
                 f"({p['diff_mean']:+.4f}) is within the seed spread."
             )
+        bonferroni = SIGNIFICANCE / len(pairs)
+        strict = [p for p in significant if p["p"] < bonferroni]
         lines.append(
-            f"- {len(significant)} of {len(pairs)} pairs differ at p < {SIGNIFICANCE} (paired t-test, no "
-            f"multiple-comparison correction); {len(overlapping)} pairs have overlapping mean ± std "
-            "intervals."
+            f"- Pairs with p < {SIGNIFICANCE} (paired t-test): {len(significant)} of {len(pairs)}; with "
+            f"p < {bonferroni:.2g} (Bonferroni over the {len(pairs)} comparisons): {len(strict)}; "
+            f"overlapping mean ± std intervals: {len(overlapping)}."
         )
     if figures:
         lines += ["", "## Figures", ""]
