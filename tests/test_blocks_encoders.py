@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from unetseg.cli import main
+from unetseg.module import SegmentationModule
 from unetseg.nets import BLOCKS, DenseDoubleConv, DoubleConv, ResidualDoubleConv, UNet
 from unetseg.nets.encoders import EncoderUNet, smp_available
 from unetseg.nets.unet import crop_to, pad_to_multiple
@@ -198,6 +199,24 @@ def test_encoder_unet_trains_through_the_cli(run_args):
         net.in_channels == result.datamodule.in_channels and net.out_channels == result.datamodule.num_classes
     )
     assert 0.0 <= result.test_metrics["test/dice"] <= 1.0
+
+
+@needs_smp
+def test_encoder_unet_checkpoint_restores_without_downloading_weights(tmp_path):
+    """A Python-built EncoderUNet module comes back from its checkpoint, pretrained weights not fetched."""
+    torch.manual_seed(0)
+    net = EncoderUNet(in_channels=1, out_channels=2, encoder="resnet18", encoder_depth=3, long_skip="add")
+    module = SegmentationModule(net, class_names=["bg", "fg"])
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["encoder_depth"] == 3
+    # as if trained from ImageNet weights: rebuilding must not download them (no network here)
+    checkpoint["hyper_parameters"]["net"]["init_args"]["encoder_weights"] = "imagenet"
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    restored = SegmentationModule.load_for_inference(tmp_path / "m.ckpt")
+    assert isinstance(restored.net, EncoderUNet) and restored.net.long_skip == net.long_skip == ("add", "add")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), module.eval()(x))
 
 
 def test_encoder_unet_without_smp_says_how_to_install(monkeypatch):

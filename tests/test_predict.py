@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from unetseg import SegmentationModule
+from unetseg import SegmentationModule, UNet
 from unetseg.cli import main
 from unetseg.export import main as export_main
 from unetseg.predict import Predictor, find_cases
@@ -281,6 +281,34 @@ def test_python_built_module_with_an_init_args_net_is_restored_from_its_checkpoi
     assert isinstance(restored.net, _RecordedNet) and restored.net.init_args["width"] == 6
     assert restored.class_names == ["bg", "fg"] and not restored.training
     x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), module.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        lambda: UNet(channels=(4, 8, 16), out_channels=3, long_skip=("none", "add"), residual=True),
+        lambda: UNet(in_channels=2, out_channels=3, channels=[4, 8], block="dense", norm=None),
+    ],
+    ids=["per-level-residual", "dense"],
+)
+def test_python_built_unet_module_is_restored_from_its_checkpoint_alone(net, tmp_path):
+    net = net()
+    module = SegmentationModule(net, class_names=["bg", "a", "b"])
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    c = net.in_channels
+    items = [{"image": torch.randn(c, 16, 16), "label": torch.randint(0, 3, (16, 16))} for _ in range(2)]
+    trainer.fit(module, DataLoader(items, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = SegmentationModule.load_for_inference(tmp_path / "m.ckpt")
+    assert isinstance(restored.net, UNet)
+    assert restored.net.init_args == net.init_args and restored.net.long_skip == net.long_skip
+    assert restored.net.block == net.block
+    x = torch.randn(2, c, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(restored(x), module.eval()(x))
 

@@ -241,7 +241,10 @@ class SegmentationModule(L.LightningModule):
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "optimizer", "scheduler"}
         kwargs = {k: v for k, v in hparams.items() if k in names}
         kwargs["inference"] = as_inferer(kwargs.get("inference"))
-        module = cls(build_net(config, f"checkpoint {path}"), **kwargs)
+        init_args = dict(config.get("init_args") or {})
+        if init_args.get("encoder_weights"):  # pretrained weights come from the checkpoint, not a download
+            init_args["encoder_weights"] = None
+        module = cls(build_net({**config, "init_args": init_args}, f"checkpoint {path}"), **kwargs)
         module.hparams["net"] = config
         state = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}  # compiled
         try:

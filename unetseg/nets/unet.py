@@ -47,6 +47,11 @@ def _check_common(
     return tuple(channels)
 
 
+def _yaml_value(value: object) -> object:
+    """Tuples as lists (as YAML and checkpoints hold them); anything else unchanged, checked later."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def resolve_block(block: str | None, residual: bool = False) -> str:
     """The block name from ``block`` and the older ``residual`` flag; they must not contradict."""
     if block is None:
@@ -255,6 +260,12 @@ class UNet(nn.Module):
         block: str | None = None,
     ) -> None:
         super().__init__()
+        # the constructor arguments, so that checkpoints of Python-built modules rebuild the net (net_config)
+        self.init_args = {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+            "channels": _yaml_value(channels), "long_skip": _yaml_value(long_skip),
+            "residual": residual, "norm": norm, "upsample": upsample, "dropout": dropout, "block": block,
+        }  # fmt: skip
         block = resolve_block(block, residual)
         channels = _check_common(spatial_dims, channels, block, norm, dropout)
         _check_positive_int("in_channels", in_channels)
