@@ -78,7 +78,10 @@ def fake_torchvision(tmp_path, monkeypatch) -> Path:
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """``code`` in a fresh interpreter, without the shim where this environment has it installed (CI)."""
+    return subprocess.run(
+        [sys.executable, "-c", f"{shim.WITHOUT_SHIM} {code}"], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_stand_in_fails_like_the_cuda_wheel(fake_torchvision):
@@ -161,5 +164,6 @@ def test_import_unetseg_is_light():
 )
 def test_this_environment_imports_torchvision_and_lightning():
     """Where the [smp] extra is installed (CI), torchvision and lightning import, with or without the shim."""
-    result = python("import lightning, torchvision, segmentation_models_pytorch; print('ok')")
+    code = "import lightning, torchvision, segmentation_models_pytorch; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -41,6 +41,10 @@ SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 )
+#: Python statements that remove an already registered finder (of a shim in another site folder).
+WITHOUT_SHIM = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_TorchvisionFinder'];"
+)
 _LIBRARIES: list[object] = []  # keeps the torch.library.Library alive (the definitions die with it)
 
 
@@ -93,9 +97,10 @@ def _site_packages() -> Path:
 
 def _imports(code: str, site: Path) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter of this environment that has processed the ``.pth`` files of
-    ``site`` (it does at start when ``site`` is the environment's own site-packages)."""
+    ``site`` (it does at start when ``site`` is the environment's own site-packages). For another ``site``
+    a shim installed in the environment's own site-packages is removed first: only ``site`` counts."""
     if site != _site_packages():
-        code = f"import site; site.addsitedir({str(site)!r}); {code}"
+        code = f"{WITHOUT_SHIM} import site; site.addsitedir({str(site)!r}); {code}"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
