@@ -24,6 +24,7 @@ import pandas as pd
 from unetseg.ablate import AblationGrid, Run, format_value, read_marker
 
 SIGNIFICANCE = 0.05
+POWER = 0.8
 
 
 def collect(grid: AblationGrid, runs: Sequence[Run], out_dir: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -84,9 +85,30 @@ def summarize(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> pd.D
     return pd.DataFrame(rows)
 
 
+def seeds_for_power(
+    diff_mean: float, diff_std: float, alpha: float = SIGNIFICANCE, power: float = POWER
+) -> float:
+    """Seeds a paired comparison needs to find ``diff_mean`` significant (two-sided ``alpha``) with
+    probability ``power``, if ``diff_mean`` and ``diff_std`` (of the per-seed differences) were the true
+    values: ``((z(1 - alpha/2) + z(power)) * diff_std / |diff_mean|)^2`` rounded up (normal approximation);
+    ``inf`` for a zero difference, 2 (the fewest a t-test takes) when the differences do not vary.
+
+    >>> seeds_for_power(0.01, 0.01)  # (1.96 + 0.84)^2 = 7.85
+    8.0
+    """
+    from scipy import stats
+
+    if diff_mean == 0 or math.isnan(diff_mean) or math.isnan(diff_std):
+        return math.inf if diff_mean == 0 else math.nan
+    z = float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
+    return float(max(2, math.ceil((z * diff_std / abs(diff_mean)) ** 2)))
+
+
 def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[dict[str, Any]]:
-    """Every pair of variants: mean and std of the per-seed difference (common seeds), paired t-test p-value,
-    and whether the mean +- std intervals of the two variants overlap."""
+    """Every pair of variants: mean and std of the per-seed difference (common seeds), its 95% confidence
+    half-width (t distribution), paired t-test p-value, the seeds a test at 80% power would need if the
+    observed difference were true (:func:`seeds_for_power`), and whether the mean +- std intervals of the two
+    variants overlap."""
     from scipy import stats
 
     by_variant = {v: frame[frame["variant"] == v].set_index("seed")[metric].astype(float) for v in variants}
@@ -103,6 +125,11 @@ def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[
                 p = float(stats.ttest_rel(xa.loc[seeds], xb.loc[seeds]).pvalue)
             elif len(seeds) >= 2:  # identical differences: the t statistic is infinite unless all are 0
                 p = 1.0 if np.all(diff == 0) else 0.0
+            ci95 = seeds_needed = math.nan
+            if len(seeds) >= 2:
+                sd = float(diff.std(ddof=1))
+                ci95 = float(stats.t.ppf(0.975, len(seeds) - 1)) * sd / math.sqrt(len(seeds))
+                seeds_needed = seeds_for_power(float(diff.mean()), sd)
             (ma, sa), (mb, sb) = _mean_std(xa), _mean_std(xb)
             sa, sb = (0.0 if math.isnan(s) else s for s in (sa, sb))
             overlap = (ma - sa) <= (mb + sb) and (mb - sb) <= (ma + sa)
@@ -114,10 +141,19 @@ def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[
                     "diff_mean": float(diff.mean()) if len(diff) else math.nan,
                     "diff_std": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
                     "p": p,
+                    "ci95": ci95,
+                    "seeds_for_power": seeds_needed,
                     "overlap": overlap,
                 }
             )
     return out
+
+
+def _ci(pair: dict[str, Any]) -> str:
+    """The 95% confidence interval of a pair's difference as ``[lo, hi]``; ``–`` when undefined."""
+    if math.isnan(pair["ci95"]):
+        return "–"
+    return f"[{pair['diff_mean'] - pair['ci95']:+.4f}, {pair['diff_mean'] + pair['ci95']:+.4f}]"
 
 
 def _class_names(frame: pd.DataFrame, metric: str) -> list[str]:
@@ -200,19 +236,25 @@ def markdown(
     if pairs:
         lines += ["", f"## Pairwise comparisons (`{metric}`)", ""]
         lines.append(
-            "Difference A − B over the seeds both have (same seed = same data order and init seed), "
-            "paired t-test p-value, and whether the mean ± std intervals overlap."
+            "Difference A − B over the seeds both have (same seed = same data order and init seed), its 95% "
+            "confidence interval, the paired t-test p-value, the seeds a paired test would need to find the "
+            f"observed difference significant with {POWER:.0%} power (if it were the true one), and whether "
+            "the mean ± std intervals overlap."
         )
         lines += [
             "",
-            "| A | B | seeds | A − B (mean ± std) | paired t-test p | mean ± std overlap |",
-            "|---|---|---|---|---|---|",
+            "| A | B | seeds | A − B (mean ± std) | 95% CI of A − B | paired t-test p | seeds for "
+            f"{POWER:.0%} power | mean ± std overlap |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in pairs:
             pval = "–" if math.isnan(p["p"]) else f"{p['p']:.3g}"
+            ci = _ci(p)
+            need = p["seeds_for_power"]
+            need_text = "–" if math.isnan(need) else "∞" if math.isinf(need) else f"{need:,.0f}"
             lines.append(
-                f"| `{p['a']}` | `{p['b']}` | {p['seeds']} | {_pm(p['diff_mean'], p['diff_std'])} | {pval} | "
-                f"{'yes' if p['overlap'] else 'no'} |"
+                f"| `{p['a']}` | `{p['b']}` | {p['seeds']} | {_pm(p['diff_mean'], p['diff_std'])} | {ci} | "
+                f"{pval} | {need_text} | {'yes' if p['overlap'] else 'no'} |"
             )
         lines += ["", "### Notes", ""]
         ordered = sorted(means, key=lambda v: -means[v])
@@ -224,13 +266,27 @@ def markdown(
                 f"- `{p['a']}` and `{p['b']}`: the mean ± std intervals overlap; the difference "
                 f"({p['diff_mean']:+.4f}) is within the seed spread."
             )
-        bonferroni = SIGNIFICANCE / len(pairs)
-        strict = [p for p in significant if p["p"] < bonferroni]
-        lines.append(
-            f"- Pairs with p < {SIGNIFICANCE} (paired t-test): {len(significant)} of {len(pairs)}; with "
-            f"p < {bonferroni:.2g} (Bonferroni over the {len(pairs)} comparisons): {len(strict)}; "
-            f"overlapping mean ± std intervals: {len(overlapping)}."
-        )
+        text = f"- Pairs with p < {SIGNIFICANCE} (paired t-test): {len(significant)} of {len(pairs)}"
+        if len(pairs) > 1:
+            bonferroni = SIGNIFICANCE / len(pairs)
+            strict = [p for p in significant if p["p"] < bonferroni]
+            text += f"; with p < {bonferroni:.2g} (Bonferroni, {len(pairs)} comparisons): {len(strict)}"
+        lines.append(f"{text}; overlapping mean ± std intervals: {len(overlapping)}.")
+        for p in pairs:
+            if p in significant or math.isnan(p["ci95"]):
+                continue
+            need = p["seeds_for_power"]
+            if math.isinf(need):
+                tail = "the observed difference is 0, which no number of seeds makes significant."
+            else:
+                tail = (
+                    f"finding the observed {p['diff_mean']:+.4f} significant would take about "
+                    f"{need:,.0f} seeds ({POWER:.0%} power)."
+                )
+            lines.append(
+                f"- `{p['a']}` vs `{p['b']}` is not significant: the 95% confidence interval of the "
+                f"difference is {_ci(p)}; {tail}"
+            )
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{Path(f).stem}]({f})" for f in figures]
