@@ -36,6 +36,7 @@ from unetseg.callbacks import (
     remove_stale_temporaries,
 )
 from unetseg.data import SegmentationDataModule
+from unetseg.data.formats.validate import DatasetError
 from unetseg.loggers import RunLogging, SaveConfigToLoggers, WandbLogger
 from unetseg.module import SegmentationModule
 
@@ -313,15 +314,25 @@ def _main(args: list[str]) -> RunResult:
     cfg = cli.config
     resumed = str(cli.resume_checkpoint) if cli.resume_checkpoint is not None else None
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=resumed or cfg.get("ckpt_path"))
-        result = RunResult(trainer, model, data, val_metrics=_metrics(trainer.callback_metrics))
-        result.resumed_from = resumed
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        result.best_model_path = best
-        result.log_dir = trainer.log_dir
-        if cfg.get("test", True):
-            tested = trainer.test(model, datamodule=data, ckpt_path=best or None)
-            result.test_metrics = _metrics(tested[0]) if tested else {}
-        return result
+        return _fit_and_test(trainer, model, data, cfg, resumed)
+    except DatasetError as err:  # found when the data is set up (voxel-level checks): no traceback
+        print(f"unetseg: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     finally:
         _close(trainer)
+
+
+def _fit_and_test(
+    trainer: L.Trainer, model: L.LightningModule, data: L.LightningDataModule, cfg: Any, resumed: str | None
+) -> RunResult:
+    """``fit`` (resuming from ``resumed`` or ``ckpt_path``), then ``test`` of the best checkpoint."""
+    trainer.fit(model, datamodule=data, ckpt_path=resumed or cfg.get("ckpt_path"))
+    result = RunResult(trainer, model, data, val_metrics=_metrics(trainer.callback_metrics))
+    result.resumed_from = resumed
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    result.best_model_path = best
+    result.log_dir = trainer.log_dir
+    if cfg.get("test", True):
+        tested = trainer.test(model, datamodule=data, ckpt_path=best or None)
+        result.test_metrics = _metrics(tested[0]) if tested else {}
+    return result

@@ -31,6 +31,18 @@ AFFINE_ATOL = 1e-3
 Problem = tuple[type[Exception], str]
 
 
+class DatasetError(Exception):
+    """A problem with a dataset's files (the message names them); the CLI reports it and exits with 2."""
+
+
+class InvalidDatasetError(DatasetError, ValueError):
+    """Bad dataset content: labels out of range, image/mask shape mismatch, unreadable files, ..."""
+
+
+class MissingDatasetFileError(DatasetError, FileNotFoundError):
+    """A file the dataset needs is missing (an image without label, a label without image, ...)."""
+
+
 def _fmt_affine(affine: np.ndarray) -> str:
     """An affine on one line, 3 decimals."""
     return np.array2string(np.asarray(affine), precision=3, suppress_small=True, separator=",").replace(
@@ -127,12 +139,13 @@ def validate(spec: DatasetSpec, check_data: bool = True, skip_bad_cases: bool = 
 
     Returns ``spec`` itself when all cases are fine, else (with ``skip_bad_cases``) a copy without the bad
     cases. The error lists up to ``MAX_LISTED`` problems, each naming the file and what was expected; it is a
-    ``FileNotFoundError`` when every problem is a missing file, else a ``ValueError``.
+    :class:`MissingDatasetFileError` (a ``FileNotFoundError``) when every problem is a missing file, else an
+    :class:`InvalidDatasetError` (a ``ValueError``); both are :class:`DatasetError`.
 
     >>> spec = validate(detect_layout("/data/Task04_Hippocampus"), check_data=True)  # doctest: +SKIP
     """
     if not spec.cases_train:
-        raise ValueError(f"no training cases found in {spec.root} ({spec.layout} layout)")
+        raise InvalidDatasetError(f"no training cases found in {spec.root} ({spec.layout} layout)")
     bad: dict[tuple[str, str], list[Problem]] = {}
     subsets = {"cases_train": spec.cases_train, "cases_val": spec.cases_val, "cases_test": spec.cases_test}
     for subset, cases in subsets.items():
@@ -146,7 +159,9 @@ def validate(spec: DatasetSpec, check_data: bool = True, skip_bad_cases: bool = 
     messages = [msg for problems in bad.values() for _, msg in problems]
     if not skip_bad_cases:
         kinds = {kind for problems in bad.values() for kind, _ in problems}
-        kind: type[Exception] = FileNotFoundError if kinds == {FileNotFoundError} else ValueError
+        kind: type[Exception] = (
+            MissingDatasetFileError if kinds == {FileNotFoundError} else InvalidDatasetError
+        )
         if len(messages) == 1:
             raise kind(messages[0])
         listed = "\n".join(f"  - {m}" for m in messages[:MAX_LISTED])
@@ -161,5 +176,7 @@ def validate(spec: DatasetSpec, check_data: bool = True, skip_bad_cases: bool = 
     kept = {name: [c for c in cases if (name, c.case_id) not in bad] for name, cases in subsets.items()}
     logger.warning("skipped %d bad case(s) of %s: %s", len(bad), spec.root, sorted(cid for _, cid in bad))
     if not kept["cases_train"]:
-        raise ValueError(f"no valid training cases left in {spec.root} after skipping {len(bad)} bad case(s)")
+        raise InvalidDatasetError(
+            f"no valid training cases left in {spec.root} after skipping {len(bad)} bad case(s)"
+        )
     return dataclasses.replace(spec, **kept)
