@@ -125,11 +125,12 @@ def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[
                 p = float(stats.ttest_rel(xa.loc[seeds], xb.loc[seeds]).pvalue)
             elif len(seeds) >= 2:  # identical differences: the t statistic is infinite unless all are 0
                 p = 1.0 if np.all(diff == 0) else 0.0
-            ci95 = seeds_needed = math.nan
+            diff_mean = float(diff.mean()) if len(diff) else math.nan
+            diff_std = ci95 = seeds_needed = math.nan
             if len(seeds) >= 2:
-                sd = float(diff.std(ddof=1))
-                ci95 = float(stats.t.ppf(0.975, len(seeds) - 1)) * sd / math.sqrt(len(seeds))
-                seeds_needed = seeds_for_power(float(diff.mean()), sd)
+                diff_std = float(diff.std(ddof=1))
+                ci95 = float(stats.t.ppf(0.975, len(seeds) - 1)) * diff_std / math.sqrt(len(seeds))
+                seeds_needed = seeds_for_power(diff_mean, diff_std)
             (ma, sa), (mb, sb) = _mean_std(xa), _mean_std(xb)
             sa, sb = (0.0 if math.isnan(s) else s for s in (sa, sb))
             overlap = (ma - sa) <= (mb + sb) and (mb - sb) <= (ma + sa)
@@ -138,8 +139,8 @@ def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[
                     "a": a,
                     "b": b,
                     "seeds": len(seeds),
-                    "diff_mean": float(diff.mean()) if len(diff) else math.nan,
-                    "diff_std": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
+                    "diff_mean": diff_mean,
+                    "diff_std": diff_std,
                     "p": p,
                     "ci95": ci95,
                     "seeds_for_power": seeds_needed,
