@@ -23,7 +23,7 @@ from unetseg.nets.unet import (
     _check_common,
     _check_positive_int,
     _num_params,
-    _yaml_value,
+    constructor_args,
     crop_to,
     pad_to_multiple,
     resolve_block,
@@ -130,13 +130,7 @@ class EncoderUNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        # the constructor arguments, so that checkpoints of Python-built modules rebuild the net (net_config)
-        self.init_args = {
-            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
-            "encoder": encoder, "encoder_weights": encoder_weights, "encoder_depth": encoder_depth,
-            "decoder_channels": _yaml_value(decoder_channels), "long_skip": _yaml_value(long_skip),
-            "block": block, "residual": residual, "norm": norm, "upsample": upsample, "dropout": dropout,
-        }  # fmt: skip
+        self.init_args = constructor_args(EncoderUNet.__init__, locals())
         check_choice("spatial_dims", spatial_dims, [2])
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("out_channels", out_channels)

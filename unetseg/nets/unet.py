@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +49,11 @@ def _check_common(
     return tuple(channels)
 
 
-def _yaml_value(value: object) -> object:
-    """Tuples as lists (as YAML and checkpoints hold them); anything else unchanged, checked later."""
-    return list(value) if isinstance(value, tuple) else value
+def constructor_args(init: Callable[..., None], values: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of constructor ``init`` taken from its ``locals()``, tuples as lists (as YAML and
+    checkpoints hold them). Nets keep them as ``init_args``, which checkpoints record (``net_config``)."""
+    names = [name for name in inspect.signature(init).parameters if name != "self"]
+    return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in names}
 
 
 def resolve_block(block: str | None, residual: bool = False) -> str:
@@ -260,12 +264,7 @@ class UNet(nn.Module):
         block: str | None = None,
     ) -> None:
         super().__init__()
-        # the constructor arguments, so that checkpoints of Python-built modules rebuild the net (net_config)
-        self.init_args = {
-            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
-            "channels": _yaml_value(channels), "long_skip": _yaml_value(long_skip),
-            "residual": residual, "norm": norm, "upsample": upsample, "dropout": dropout, "block": block,
-        }  # fmt: skip
+        self.init_args = constructor_args(UNet.__init__, locals())
         block = resolve_block(block, residual)
         channels = _check_common(spatial_dims, channels, block, norm, dropout)
         _check_positive_int("in_channels", in_channels)
