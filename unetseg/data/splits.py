@@ -14,14 +14,13 @@ or the split file's ``test``), which are removed from the train/val pool first.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unetseg.data.formats.layout import Case, DatasetSpec
+from unetseg.data.formats.layout import Case, DatasetSpec, read_json
 
 SPLIT_KEYS: tuple[str, ...] = ("train", "val", "test")
 
@@ -83,14 +82,7 @@ def read_split_file(
 ) -> dict[str, list[str]]:
     """Case ids per split from a JSON split file; unknown, duplicated or overlapping ids raise naming them."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
-        ) from err
+    data = read_json(path, f"split file not found: {path}")
     if isinstance(data, list):  # nnU-Net splits_final.json: one {"train", "val"} per fold
         index = 0 if fold is None else fold
         if not 0 <= index < len(data):

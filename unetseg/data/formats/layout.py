@@ -82,18 +82,24 @@ class DatasetSpec:
         return [*self.cases_train, *self.cases_val, *self.cases_test]
 
 
-def read_dataset_json(path: Path) -> dict[str, Any]:
-    """Parse ``dataset.json``; errors name the file (and the line/column for malformed JSON)."""
+def read_json(path: Path, missing: str) -> Any:
+    """Parse a JSON file; ``FileNotFoundError(missing)`` when it is absent, other errors name the file (and
+    the line/column for malformed JSON)."""
     if not path.is_file():
-        raise FileNotFoundError(f"dataset.json not found: expected {path}")
+        raise FileNotFoundError(missing)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
         ) from err
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def read_dataset_json(path: Path) -> dict[str, Any]:
+    """Parse ``dataset.json``; errors name the file (and the line/column for malformed JSON)."""
+    data = read_json(path, f"dataset.json not found: expected {path}")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
