@@ -10,7 +10,8 @@ batch is already loaded), the first ``--warmup`` steps are dropped (oneDNN/cuDNN
 Shared machines are noisy, so variants run interleaved in ``--repeats`` rounds (order reversed every other
 round); a fit's time is its fastest timed step (the least disturbed by other processes, as ``timeit`` does)
 and the speed-up is the median over rounds of the per-round ratio against fp32/contiguous.
-Results go to ``benchmarks/results/precision[-quick].json``. Self-contained: imports only ``unetseg``.
+Results go to ``benchmarks/results/precision[-quick].json``. Imports only ``unetseg`` and
+``benchmarks._common``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import cpu_model  # noqa: E402
 from unetseg.callbacks import Performance  # noqa: E402
 from unetseg.data import SegmentationDataModule  # noqa: E402
 from unetseg.module import SegmentationModule  # noqa: E402
@@ -59,17 +60,6 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._sync(trainer)
         self.times.append(time.perf_counter() - self._start)
-
-
-def cpu_model() -> str:
-    """CPU model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def base_net_args() -> dict[str, Any]:
