@@ -1,6 +1,6 @@
-"""Entry point: ``python train.py --config unet_skip.yaml``. See ``unetseg.cli``."""
+"""Entry point: ``python train.py --config unet_skip.yaml``. See ``unetseg.training.cli``."""
 
-from unetseg.cli import main
+from unetseg.training.cli import main
 
 if __name__ == "__main__":
     main()

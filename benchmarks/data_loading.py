@@ -103,7 +103,7 @@ def model_throughput(
     data_args: dict[str, Any], workdir: Path, device: str, reps: int, warmup: int
 ) -> dict[str, Any]:
     """Samples/s of the base config's training step (net, loss, optimizer from the CLI) on a real batch."""
-    from unetseg.cli import build_cli
+    from unetseg.training.cli import build_cli
 
     args = ["--logging.wandb", "false", "--logging.save_dir", str(workdir / "runs"),
             "--trainer.default_root_dir", str(workdir)]

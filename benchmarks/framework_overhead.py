@@ -2,7 +2,8 @@
 
 Both sides train the same net (a copy of the CLI's, same initial weights) on the same batches, generated once
 from the built-in synthetic data and held in memory, with the same optimizer (the config's AdamW), per-step
-LR schedule, loss and precision. The trainer is the one ``python train.py`` builds (``unetseg.cli.build_cli``
+LR schedule, loss and precision. The trainer is the one ``python train.py`` builds
+(``unetseg.training.cli.build_cli``
 on the base config): ModelCheckpoint, progress bar, CSVLogger + W&B (offline), ``log_every_n_steps`` of the
 config, the module's per-step ``train/loss`` logging and training-metric updates. There is no validation on
 either side (the training loader only), so the trainer's epoch-end work is the training metrics' compute and
@@ -61,7 +62,7 @@ class PlainLoop:
     ) -> None:
         from unetseg.losses import SegmentationLoss
         from unetseg.metrics import segmentation_metrics
-        from unetseg.module import LR_SCHEDULES
+        from unetseg.training.module import LR_SCHEDULES
 
         self.net: nn.Module = copy.deepcopy(module.net)
         self.net.train()
@@ -211,7 +212,7 @@ def run(
     workdir: Path,
 ) -> dict[str, Any]:
     """Build the trainer through the CLI, fit ``epochs + 1`` epochs (the first is warm-up), return figures."""
-    from unetseg.cli import _close, build_cli
+    from unetseg.training.cli import _close, build_cli
 
     args = [
         "--trainer.default_root_dir", str(workdir),

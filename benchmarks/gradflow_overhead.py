@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import _common
+from unetseg.analysis.gradflow import GradientFlow
 from unetseg.data import SegmentationDataModule
-from unetseg.gradflow import GradientFlow
-from unetseg.module import SegmentationModule
 from unetseg.nets import UNet
+from unetseg.training.module import SegmentationModule
 
 NAME = "gradflow_overhead"
 SETTINGS: dict[str, int | None] = {"without": None, "every_1": 1, "every_10": 10}

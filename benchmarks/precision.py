@@ -4,7 +4,8 @@ channels_last, with and without torch.compile, for the base config's UNet.
     python benchmarks/precision.py --quick            # 96x96 (the base config's size), ~1 min on 2 CPU cores
     python benchmarks/precision.py --compile          # 256x256 plus compiled variants (many minutes on CPU)
 
-Each variant is a real ``Trainer.fit`` of ``SegmentationModule`` with ``unetseg.callbacks.Performance`` on the
+Each variant is a real ``Trainer.fit`` of ``SegmentationModule`` with
+``unetseg.training.callbacks.Performance`` on the
 built-in synthetic data; a callback times every training step (forward, loss, backward, optimizer step; the
 batch is already loaded), the first ``--warmup`` steps are dropped (oneDNN/cuDNN autotuning, compilation).
 Shared machines are noisy, so variants run interleaved in ``--repeats`` rounds (order reversed every other
@@ -34,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import cpu_model  # noqa: E402
-from unetseg.callbacks import Performance  # noqa: E402
 from unetseg.data import SegmentationDataModule  # noqa: E402
-from unetseg.module import SegmentationModule  # noqa: E402
 from unetseg.nets import UNet  # noqa: E402
+from unetseg.training.callbacks import Performance  # noqa: E402
+from unetseg.training.module import SegmentationModule  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

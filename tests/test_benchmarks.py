@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from benchmarks import _common, flops, framework_overhead, gradflow_overhead, memory, models, report
-from unetseg.gradflow import layer_groups
-from unetseg.module import SegmentationModule
+from unetseg.analysis.gradflow import layer_groups
 from unetseg.nets import UNet
+from unetseg.training.module import SegmentationModule
 
 # Keys holding times, ratios, rates or sizes: always > 0. Differences (overhead, growth) may be <= 0.
 POSITIVE = {

@@ -1,7 +1,7 @@
 """unetseg: medical image segmentation with a UNet whose long and short skip connections are configurable.
 
 The public classes are imported on first access (PEP 562), so ``import unetseg`` and the standalone
-``python -m unetseg.torchvision_cpu_shim`` do not import torch or Lightning.
+``python -m unetseg.compat.torchvision_cpu_shim`` do not import torch or Lightning.
 
 >>> import unetseg
 >>> unetseg.UNet.__name__
@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from unetseg.data import SegmentationDataModule
-    from unetseg.module import SegmentationModule
     from unetseg.nets import UNet
+    from unetseg.training import SegmentationModule
 
 __all__ = ["SegmentationDataModule", "SegmentationModule", "UNet"]
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "SegmentationDataModule": "unetseg.data",
-    "SegmentationModule": "unetseg.module",
+    "SegmentationModule": "unetseg.training",
     "UNet": "unetseg.nets",
 }
 

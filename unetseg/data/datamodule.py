@@ -111,7 +111,7 @@ class SegmentationDataModule(L.LightningDataModule):
     and background where the image is smaller; ``None`` = whole images: the largest training image/slice/
     volume, smaller ones padded). Validation and test samples are whole slices (2D, padded to the largest)
     or whole volumes (3D, batch size 1) unless ``val_crop_size`` asks for a central crop/pad.
-    Sliding-window inference on whole volumes is ``unetseg.inference`` (issue 6), not this module.
+    Sliding-window inference on whole volumes is ``unetseg.inference.inferer`` (issue 6), not this module.
 
     Example:
         >>> dm = SegmentationDataModule(spatial_dims=2, spatial_size=64, batch_size=4)

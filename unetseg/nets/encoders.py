@@ -1,7 +1,8 @@
 """U-Net with a (pretrained) 2D encoder from segmentation-models-pytorch under the skip-configurable decoder.
 
 Needs the ``[smp]`` extra (``pip install -c constraints.txt -e ".[smp]"``; on the CPU build of torch also
-``python -m unetseg.torchvision_cpu_shim install``, see ``docs/ablation.md``). ``segmentation_models_pytorch``
+``python -m unetseg.compat.torchvision_cpu_shim install``, see ``docs/ablation.md``).
+``segmentation_models_pytorch``
 is imported when an :class:`EncoderUNet` is built, never at import of :mod:`unetseg.nets`.
 """
 
@@ -31,7 +32,7 @@ from unetseg.nets.unet import (
 
 SMP_INSTALL_HINT = (
     'pip install -c constraints.txt -e ".[smp]", then on the CPU build of torch '
-    "python -m unetseg.torchvision_cpu_shim install (see docs/ablation.md)"
+    "python -m unetseg.compat.torchvision_cpu_shim install (see docs/ablation.md)"
 )
 
 

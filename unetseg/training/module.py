@@ -1,0 +1,272 @@
+"""The LightningModule: a segmentation network trained with a named loss, logged with Dice and IoU."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
+from torchmetrics import MetricCollection
+
+from unetseg.data.preprocessing import preprocessing_config
+from unetseg.inference.inferer import Inferer, as_inferer
+from unetseg.losses import SegmentationLoss
+from unetseg.metrics import segmentation_metrics, summarize
+
+STAGES = ("train", "val", "test")
+
+# Learning-rate factor as a function of training progress t in [0, 1].
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda t: 1.0,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "poly": lambda t: (1.0 - t) ** 0.9,
+}
+
+
+def net_config(net: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` that rebuild ``net``, stored in checkpoints; ``None`` if unknown.
+
+    Taken from the net's ``init_args`` attribute (a dict of its constructor arguments) when it has one, else
+    from the parsed config when LightningCLI instantiates the module (``model.net``, with linked values).
+    """
+    init_args = getattr(net, "init_args", None)
+    if isinstance(init_args, dict):
+        cls = type(net)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+    given = (_given_hyperparameters.get() or {}).get("net")  # set by LightningCLI while it instantiates
+    if isinstance(given, dict) and "class_path" in given:
+        return {"class_path": given["class_path"], "init_args": dict(given.get("init_args") or {})}
+    return None
+
+
+def build_net(config: dict[str, Any], source: str = "config") -> nn.Module:
+    """The net described by ``net_config`` output; only classes of ``unetseg`` or of imported modules."""
+    class_path = str(config.get("class_path", ""))
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name or not (module_name.split(".")[0] == "unetseg" or module_name in sys.modules):
+        raise ValueError(
+            f"{source}: net class {class_path!r} is neither in unetseg nor in an imported module "
+            "(import the module that defines it first)"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{source}: cannot import the net class {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{source}: {class_path!r} is not a torch.nn.Module class")
+    try:
+        return cls(**dict(config.get("init_args") or {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{source}: cannot build {class_path} from {config.get('init_args')}: {err}"
+        ) from err
+
+
+class SegmentationModule(L.LightningModule):
+    """Wraps a segmentation net (``net(x) -> logits``) with loss, optimizer, scheduler and metrics.
+
+    Batches are dicts ``{"image": (B, C_in, *spatial) float, "label": (B, *spatial) int}``. Logged keys:
+    ``train/loss``, ``{val,test}/loss``, ``{stage}/dice``, ``{stage}/iou`` (mean over the foreground classes
+    unless ``include_background``) and ``{stage}/dice/<class name>``, ``{stage}/iou/<class name>``.
+
+    >>> from unetseg import UNet
+    >>> module = SegmentationModule(UNet(channels=(4, 8)), class_names=["background", "organ"])
+    >>> module(torch.rand(2, 1, 32, 32)).shape
+    torch.Size([2, 2, 32, 32])
+
+    Args:
+        net: the network; its ``out_channels`` attribute (or ``len(class_names)``) gives the class count.
+        loss: ``"dice_ce"`` (default), ``"dice"``, ``"ce"`` or ``"focal"`` (see ``unetseg.losses``).
+        class_names: one name per output channel, index 0 the background; linked from the data in the CLI.
+        include_background: whether the mean Dice/IoU includes class 0.
+        optimizer: a callable ``params -> Optimizer`` (``class_path`` + ``init_args`` in YAML).
+        scheduler: optional callable ``optimizer -> LRScheduler``, stepped per epoch; replaces lr_schedule.
+        lr_schedule: per-step learning-rate factor over the whole fit when no ``scheduler`` is given:
+            ``"cosine"`` (to 0), ``"poly"`` ((1 - t)^0.9, nnU-Net's) or ``"constant"``. Its length is the
+            trainer's ``estimated_stepping_batches``, so it follows ``max_epochs``/``max_steps`` untouched.
+        inference: how validation, test and predict turn whole images into logits (sliding window, flip TTA,
+            see :class:`~unetseg.inference.Inferer`); ``None`` runs ``forward`` on the whole image. Training
+            always runs ``forward`` on its patches.
+
+    Checkpoints record the net (``hyper_parameters["net"]``: class path and constructor arguments, see
+    :func:`net_config`) and the data's preprocessing (``checkpoint["preprocessing"]``, see
+    :func:`~unetseg.data.preprocessing.preprocessing_config`), so that
+    :meth:`load_for_inference` rebuilds the module from the checkpoint file alone.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: str = "dice_ce",
+        class_names: list[str] | None = None,
+        include_background: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: str = "cosine",
+        inference: Inferer | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "inference"])
+        self.hparams["net"] = net_config(net)
+        self.hparams["inference"] = None if inference is None else inference.config()
+        self.net = net
+        self.inference = inference
+        self.preprocessing: dict[str, Any] = {}  # the data's normalization etc., saved in checkpoints
+        self.loss_fn = SegmentationLoss(loss)
+        num_classes = int(getattr(net, "out_channels", 0) or len(class_names or []))
+        if num_classes < 2:
+            raise ValueError(f"net.out_channels={num_classes}: a segmentation net needs at least 2 classes")
+        if class_names is None:
+            class_names = ["background", *(f"class_{i}" for i in range(1, num_classes))]
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries {class_names} "
+                f"but the net has {num_classes} outputs"
+            )
+        self.class_names = list(class_names)
+        self.include_background = include_background
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not one of {sorted(LR_SCHEDULES)}")
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.lr_schedule = lr_schedule
+        base = segmentation_metrics(num_classes)
+        for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
+            setattr(self, f"{stage}_metrics", base.clone(prefix=f"{stage}/"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits over whole images, as validation, test and predict compute them (``inference``)."""
+        return self(image) if self.inference is None else self.inference(self, image)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        image, label = batch["image"], batch["label"]
+        logits = self(image) if stage == "train" else self.infer(image)
+        loss = self.loss_fn(logits, label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at epoch {self.current_epoch}, "
+                f"global step {self.global_step}: "
+                "training stopped before the weights are corrupted (checkpoints saved so far are kept). "
+                "Lower the learning rate, use precision=32 or bf16-mixed, or check the images for NaN/inf."
+            )
+        # max(1).indices == argmax(1) (first maximum on ties) but ~7x faster on CPU over the channel dim
+        pred = logits.detach().max(1).indices
+        self._metrics(stage).update(pred, label)
+        train = stage == "train"  # per step while training (key train/loss), per epoch otherwise
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=train,
+            on_epoch=not train,
+            batch_size=image.shape[0],
+            sync_dist=not train,
+            prog_bar=True,
+        )
+        return {"loss": loss, "pred": pred}  # callbacks get the predictions in on_*_batch_end
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.infer(batch["image"]).argmax(1)
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        return getattr(self, f"{stage}_metrics")
+
+    def _log_metrics(self, stage: str) -> None:
+        values = summarize(self._metrics(stage).compute(), self.class_names, self.include_background)
+        means = {key: values.pop(key) for key in (f"{stage}/dice", f"{stage}/iou")}
+        self.log_dict(means, prog_bar=True)
+        self.log_dict(values)
+        self._metrics(stage).reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.preprocessing = preprocessing_config(datamodule)
+        checkpoint["preprocessing"] = dict(self.preprocessing)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.preprocessing = dict(checkpoint.get("preprocessing") or {})
+
+    @classmethod
+    def load_for_inference(
+        cls, checkpoint_path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> SegmentationModule:
+        """The module of a checkpoint, in eval mode, rebuilt from the file alone (no config, no data).
+
+        Raises ``FileNotFoundError``/``ValueError`` naming the file when it is missing, unreadable, not a
+        ``SegmentationModule`` checkpoint or its weights do not fit the net it records.
+        """
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch raises many types for non-checkpoint files
+            raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        config = hparams.get("net")
+        if not isinstance(config, dict) or "state_dict" not in checkpoint:
+            raise ValueError(
+                f"{path} is not a unetseg SegmentationModule checkpoint that records its net "
+                "(hyper_parameters['net'] with class_path/init_args is missing)"
+            )
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "optimizer", "scheduler"}
+        kwargs = {k: v for k, v in hparams.items() if k in names}
+        kwargs["inference"] = as_inferer(kwargs.get("inference"))
+        init_args = dict(config.get("init_args") or {})
+        if init_args.get("encoder_weights"):  # pretrained weights come from the checkpoint, not a download
+            init_args["encoder_weights"] = None
+        module = cls(build_net({**config, "init_args": init_args}, f"checkpoint {path}"), **kwargs)
+        module.hparams["net"] = config
+        state = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}  # compiled
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {path}: the weights do not fit its net {config['class_path']}: {err}"
+            ) from err
+        module.on_load_checkpoint(checkpoint)
+        return module.eval()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+            factor = LR_SCHEDULES[self.lr_schedule]
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: factor(min(step / total, 1.0))
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "monitor": "val/loss"},
+        }
