@@ -1,7 +1,8 @@
 """Helpers that write small real datasets to disk (NIfTI via nibabel, PNG via Pillow, TIFF via tifffile).
 
 Volumes are ``(X, Y, Z)``; the label has class 1 in a box over ``z in [3, 7)`` with class 2 inside it, so
-slices along axis 2 outside ``[3, 7)`` are pure background.
+slices along axis 2 outside ``[3, 7)`` are pure background. ``make_rare_msd`` adds a rare class 3: a 2 x 2
+patch in the single slice ``z = RARE_Z`` of a few cases.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 
 SHAPE: tuple[int, int, int] = (16, 12, 10)
 FG_Z: tuple[int, int] = (3, 7)
+RARE_Z = FG_Z[1]  # the rare class's slice: no other class there
 
 
 def affine(
@@ -119,6 +121,19 @@ def make_nnunet(
         "file_ending": ending,
     }
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return root
+
+
+def make_rare_msd(
+    root: Path, n_cases: int = 4, rare_cases: Sequence[int] = (0,), shape: Sequence[int] = SHAPE
+) -> Path:
+    """``make_msd`` with classes ``background, a, b, rare``: class 3 is a 2 x 2 patch in slice ``RARE_Z`` of
+    the cases ``rare_cases`` only (2D slices along Z: 1 of ``n_cases * shape[2]`` slices per rare case)."""
+    make_msd(root, n_cases=n_cases, labels=("background", "a", "b", "rare"), n_test=0, shape=shape)
+    for i in rare_cases:
+        label = volume_label(shape, 3)
+        label[1:3, 1:3, RARE_Z] = 3
+        write_nifti(root / "labelsTr" / f"case_{i:03d}.nii.gz", label)
     return root
 
 

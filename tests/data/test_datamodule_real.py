@@ -379,11 +379,11 @@ def test_patch_size_and_validation_sizes(tmp_path):
     assert dm.datasets["val"][0]["image"].shape == (1, 32, 32)
 
 
-def test_foreground_only_slices(tmp_path):
+def test_oversample_one_draws_only_foreground_slices(tmp_path):
     root = make_msd(tmp_path / "msd", n_cases=5, shape=SMALL)
-    dm = SegmentationDataModule(root=str(root), foreground_only=True)
+    dm = SegmentationDataModule(root=str(root), oversample=1.0)
     dm.setup("fit")
-    assert len(dm.datasets["train"]) == 4 * 4  # z 3..6 of the 4 training cases
+    assert len(dm.datasets["train"]) == 4 * SMALL[2]  # an epoch: one item per slice of the 4 training cases
     assert all(bool(dm.datasets["train"][i]["label"].any()) for i in range(len(dm.datasets["train"])))
     assert len(dm.datasets["val"]) == SMALL[2]  # validation keeps every slice
 

@@ -23,9 +23,9 @@ from tests._datafiles import (
     write_nifti,
     write_raster,
 )
+from unetseg.data.cases import CaseLoader
 from unetseg.data.formats import detect_layout, read_image, read_label, validate
 from unetseg.data.formats import io as formats_io
-from unetseg.data.volume import CaseLoader
 
 # ----------------------------------------------------------------------------------------------- detection
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tests._datafiles import make_folder2d, make_msd, make_nnunet, volume_label
+from unetseg.data.cases import CaseLoader
+from unetseg.data.datasets import SliceDataset2D
 from unetseg.data.formats import detect_layout
 from unetseg.data.normalize import (
     DEFAULT_CT_WINDOW,
@@ -19,7 +21,6 @@ from unetseg.data.normalize import (
     build_normalization,
 )
 from unetseg.data.splits import kfold_split, make_splits
-from unetseg.data.volume import CaseLoader, SliceDataset2D
 
 IDS = [f"case_{i:02d}" for i in range(23)]
 

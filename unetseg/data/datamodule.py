@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from unetseg.data.cases import CaseLoader, check_cache, check_target_spacing
+from unetseg.data.datasets import (
+    PatchDataset,
+    SliceDataset2D,
+    SyntheticSplit,
+    TrainingSlices2D,
+    VolumeDataset,
+)
 from unetseg.data.formats import DatasetSpec, detect_layout, validate
 from unetseg.data.formats.layout import Case
 from unetseg.data.normalize import build_normalization, check_normalization
+from unetseg.data.sampling import check_fraction
 from unetseg.data.splits import Splits, make_splits
 from unetseg.data.synthetic import CLASS_NAMES, SPLITS, SyntheticSegmentation, spatial_shape
 from unetseg.data.transforms import AugSpec, Transform, build_transform
-from unetseg.data.volume import (
-    CACHE_MODES,
-    CaseLoader,
-    PatchDataset,
-    SliceDataset2D,
-    VolumeDataset,
-    WorkerRandom,
-    extract_window,
-    make_sample,
-    window_starts,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -39,54 +37,56 @@ STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     "predict": ("test",),
     None: tuple(SPLITS),
 }
+# constructor arguments that are ints with a lower bound
+INT_MINIMUM: dict[str, int] = {
+    "num_train": 1,
+    "num_val": 1,
+    "num_test": 1,
+    "batch_size": 1,
+    "num_workers": 0,
+    "seed": 0,
+    "slice_axis": 0,
+    "samples_per_case": 1,
+    "num_folds": 2,
+    "split_seed": 0,
+}
 NormSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
 
 
-class SyntheticSplit(WorkerRandom, Dataset):
-    """A ``SyntheticSegmentation`` split with the keys of the real datasets, cropped/augmented when training.
-
-    Items are ``{"image", "label", "case_id": "<split>_<index>", "spacing": ones (spatial_dims,)}``; with
-    ``patch_size`` each image is padded/cropped to a random window of that size, then ``transform`` runs.
-    """
-
-    def __init__(
-        self,
-        data: SyntheticSegmentation,
-        patch_size: Sequence[int] | None = None,
-        transform: Transform | None = None,
-    ) -> None:
-        self.data = data
-        self.patch_size = None if patch_size is None else tuple(patch_size)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.data[index]
-        image, label = item["image"].numpy(), item["label"].numpy()
-        if self.patch_size is not None or self.transform is not None:
-            rng = self.rng()
-            if self.patch_size is not None:
-                starts = window_starts(label.shape, self.patch_size, "random", rng)
-                image = extract_window(image, starts, self.patch_size)
-                label = extract_window(label, starts, self.patch_size)
-            if self.transform is not None:
-                image, label = self.transform(image, label, rng)
-        case_id = f"{self.data.split}_{index % len(self.data):05d}"
-        return make_sample(image, label, case_id, (1.0,) * self.data.spatial_dims)
+def check_arguments(args: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first ``SegmentationDataModule`` argument out of range."""
+    for name, low in INT_MINIMUM.items():
+        if not isinstance(args[name], int) or args[name] < low:
+            raise ValueError(f"{name}={args[name]!r}: expected an int >= {low}")
+    if args["slice_axis"] > 2:
+        raise ValueError(f"slice_axis={args['slice_axis']!r}: expected 0, 1 or 2")
+    fold, num_folds = args["fold"], args["num_folds"]
+    if fold is not None and not (isinstance(fold, int) and 0 <= fold < num_folds):
+        raise ValueError(f"fold={fold!r}: expected None or an int in 0..{num_folds - 1} (num_folds)")
+    check_fraction(args["oversample"])
+    epoch = args["batches_per_epoch"]
+    if epoch is not None and not (isinstance(epoch, int) and epoch >= 1):
+        raise ValueError(f"batches_per_epoch={epoch!r}: expected None or an int >= 1")
+    if args["resize"] is not None and args["spatial_dims"] != 2:
+        raise ValueError(f"resize={args['resize']!r}: only for spatial_dims=2 (2D images or slices)")
+    check_cache(args["cache"], args["cache_dir"])
+    check_target_spacing(args["target_spacing"])
+    if args["augmentation"] is not None and not isinstance(args["augmentation"], list | tuple):
+        raise ValueError(
+            f"augmentation={args['augmentation']!r}: expected a list of {{Name: {{arg: value}}}} entries"
+        )
 
 
 def _size(value: int | Sequence[int] | None, spatial_dims: int, name: str) -> tuple[int, ...] | None:
     """``None``, or a checked ``spatial_dims``-tuple of positive ints from an int or a sequence."""
-    if value is None:
-        return None
-    size = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
-    if len(size) != spatial_dims or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
-    ):
-        raise ValueError(f"{name}={value!r}: expected a positive int or {spatial_dims} positive ints")
-    return size
+    return None if value is None else spatial_shape(value, spatial_dims, name)
+
+
+def case_ids(dataset: Dataset) -> list[str]:
+    """Case ids of a real dataset's samples, in sample order (no voxel data read)."""
+    if not hasattr(dataset, "case_ids"):
+        raise TypeError(f"case_ids: not a dataset of cases: {type(dataset).__name__}")
+    return dataset.case_ids()
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -107,11 +107,14 @@ class SegmentationDataModule(L.LightningDataModule):
     of a real dataset also ``slice_index`` (B,) int64 (index along ``slice_axis``; 0 for 2D images) and
     ``slice_spacing`` (B,) float32 (the spacing along ``slice_axis``; 1.0 for 2D images).
 
-    Sizes: ``patch_size`` is the size of a training sample for any data (a random window, padded with image 0
-    and background where the image is smaller; ``None`` = whole images: the largest training image/slice/
-    volume, smaller ones padded). Validation and test samples are whole slices (2D, padded to the largest)
-    or whole volumes (3D, batch size 1) unless ``val_crop_size`` asks for a central crop/pad.
-    Sliding-window inference on whole volumes is ``unetseg.inference.inferer`` (issue 6), not this module.
+    Training on a real dataset draws its samples (``unetseg.data.sampling``): the last
+    ``ceil(oversample * batch_size)`` samples of every batch show a foreground class drawn uniformly among
+    the classes of the training cases, the others are random slices (2D, one epoch = one sample per slice)
+    or patches (3D, ``samples_per_case`` per case). ``patch_size`` is the size of a training sample for any
+    data (a random window, padded with image 0 and background where the image is smaller; ``None`` = whole
+    images: the largest training image/slice/volume, smaller ones padded). Validation and test samples are
+    whole slices (2D, padded to the largest) or whole volumes (3D, batch size 1) unless ``val_crop_size``
+    asks for a central crop/pad. Sliding-window inference on whole volumes is ``unetseg.inference``.
 
     Example:
         >>> dm = SegmentationDataModule(spatial_dims=2, spatial_size=64, batch_size=4)
@@ -132,15 +135,17 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size, num_workers, pin_memory, persistent_workers: ``DataLoader`` options;
             ``persistent_workers`` only applies when ``num_workers > 0``. 3D validation/test on whole volumes
             (``val_crop_size=None``) always uses batch size 1.
-        seed: seeds the synthetic data, the training shuffle order and (with ``foreground_fraction``) the
-            choice of background slices; patch positions and augmentation follow torch's seed per worker.
+        seed: seeds the synthetic data and its shuffle order, and the training draws of a real dataset
+            (with torch's seed per worker: ``seed_everything``).
         patch_size: training sample size (int or one per axis), see above; ``None`` = whole images.
         slice_axis: axis (0, 1 or 2, storage order of the NIfTI) along which 2D mode slices volumes.
-        foreground_only: 2D training uses only slices/images whose label has foreground.
-        foreground_fraction: 2D training keeps all foreground slices plus enough random background slices
-            for foreground to be this fraction (0 < f <= 1); exclusive with ``foreground_only``.
-        oversample_foreground: 3D, share of patches centred on a random foreground voxel (nnU-Net: 1/3).
-        samples_per_case: 3D, random patches per training case and epoch.
+        oversample: share of every training batch forced onto a foreground class (the last
+            ``ceil(oversample * batch_size)`` samples; 0.33 as nnU-Net, 0 = uniformly random samples).
+            Real datasets only: every synthetic image shows every class.
+        batches_per_epoch: training batches per epoch (the training samples are drawn, so an epoch can be
+            any length, as nnU-Net's 250 iterations); ``None`` = one pass: one sample per training slice (2D),
+            ``samples_per_case`` per case (3D) or ``num_train`` synthetic images.
+        samples_per_case: 3D, training patches per case and epoch (when ``batches_per_epoch`` is ``None``).
         val_crop_size: validation/test size (int or one per axis): a central crop/pad; ``None`` = whole
             slices (2D, padded to the largest) or whole volumes (3D, batch size 1).
         resize: 2D ``root`` data only, resize every image/slice to this (H, W) first (linear image, nearest
@@ -164,8 +169,8 @@ class SegmentationDataModule(L.LightningDataModule):
             ``setup``) or ``disk`` (preprocessed ``.npy`` in ``cache_dir``, memory-mapped).
         cache_dir: folder for ``cache="disk"``.
         check_data: in ``setup``, read every case once and check its voxel data (integer labels within the
-            declared classes, readable, finite) before training; file presence, shapes and affines are
-            always checked (headers, when ``spec`` is first read).
+            declared classes, readable, finite, not blank) before training; file presence, shapes and affines
+            are always checked (headers, when ``spec`` is first read).
         skip_bad_cases: drop bad cases (each listed in the log as a warning) instead of raising.
     """
 
@@ -184,9 +189,8 @@ class SegmentationDataModule(L.LightningDataModule):
         seed: int = 0,
         patch_size: int | tuple[int, ...] | None = None,
         slice_axis: int = 2,
-        foreground_only: bool = False,
-        foreground_fraction: float | None = None,
-        oversample_foreground: float = 1 / 3,
+        oversample: float = 0.33,
+        batches_per_epoch: int | None = None,
         samples_per_case: int = 1,
         val_crop_size: int | tuple[int, ...] | None = None,
         resize: int | tuple[int, int] | None = None,
@@ -204,70 +208,26 @@ class SegmentationDataModule(L.LightningDataModule):
         skip_bad_cases: bool = False,
     ) -> None:
         super().__init__()
-        default_size = DEFAULT_SPATIAL_SIZE.get(spatial_dims, 0)  # an unknown spatial_dims is reported below
-        size = spatial_shape(default_size if spatial_size is None else spatial_size, spatial_dims)
-        for name, value, low in (
-            ("num_train", num_train, 1),
-            ("num_val", num_val, 1),
-            ("num_test", num_test, 1),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("seed", seed, 0),
-            ("slice_axis", slice_axis, 0),
-            ("samples_per_case", samples_per_case, 1),
-            ("num_folds", num_folds, 2),
-            ("split_seed", split_seed, 0),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
-        if slice_axis > 2:
-            raise ValueError(f"slice_axis={slice_axis!r}: expected 0, 1 or 2")
-        if fold is not None and not (isinstance(fold, int) and 0 <= fold < num_folds):
-            raise ValueError(f"fold={fold!r}: expected None or an int in 0..{num_folds - 1} (num_folds)")
-        if foreground_only and foreground_fraction is not None:
-            raise ValueError("foreground_only=True and foreground_fraction are exclusive; set one of them")
-        if foreground_fraction is not None and not 0 < foreground_fraction <= 1:
-            raise ValueError(f"foreground_fraction={foreground_fraction!r}: expected a float in (0, 1]")
-        if not 0 <= oversample_foreground <= 1:
-            raise ValueError(f"oversample_foreground={oversample_foreground!r}: expected a float in [0, 1]")
-        if resize is not None and spatial_dims != 2:
-            raise ValueError(f"resize={resize!r}: only for spatial_dims=2 (2D images or slices)")
-        if cache not in CACHE_MODES:
-            raise ValueError(f"cache={cache!r}: expected one of {list(CACHE_MODES)}")
-        if cache == "disk" and cache_dir is None:
-            raise ValueError("cache='disk' needs cache_dir (a writable folder for the preprocessed arrays)")
-        spacing = (target_spacing,) if isinstance(target_spacing, int | float) else target_spacing
-        if spacing is not None and not all(isinstance(s, int | float) and s > 0 for s in spacing):
-            raise ValueError(f"target_spacing={target_spacing!r}: expected positive numbers (mm)")
-        if augmentation is not None and not isinstance(augmentation, list | tuple):
-            raise ValueError(
-                f"augmentation={augmentation!r}: expected a list of {{Name: {{arg: value}}}} entries"
-            )
+        default_size = DEFAULT_SPATIAL_SIZE.get(spatial_dims, 0)  # an unknown spatial_dims is reported here
+        size = default_size if spatial_size is None else spatial_size
+        self.spatial_size: tuple[int, ...] = spatial_shape(size, spatial_dims)
         self.save_hyperparameters()
-        self.root = root
-        self.spatial_dims = spatial_dims
-        self.spatial_size: tuple[int, ...] = size
+        check_arguments(self.hparams)
+        self.root, self.spatial_dims, self.seed = root, spatial_dims, seed
         self.num_samples = {"train": num_train, "val": num_val, "test": num_test}
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.seed = seed
         self.patch_size = _size(patch_size, spatial_dims, "patch_size")
         self.val_crop_size = _size(val_crop_size, spatial_dims, "val_crop_size")
         self.resize = _size(resize, 2, "resize")
-        self.slice_axis = slice_axis
-        self.foreground_only = foreground_only
-        self.foreground_fraction = foreground_fraction
-        self.oversample_foreground = oversample_foreground
-        self.samples_per_case = samples_per_case
+        self.slice_axis, self.oversample, self.samples_per_case = slice_axis, oversample, samples_per_case
+        self.batches_per_epoch = batches_per_epoch
         self.fold, self.num_folds, self.split_seed = fold, num_folds, split_seed
-        self.split_file = split_file
-        self.test_ids = list(test_ids or [])
+        self.split_file, self.test_ids = split_file, list(test_ids or [])
         self.normalization = normalization
         self.augmentation: AugSpec = augmentation
         self.transform: Transform | None = build_transform(augmentation, spatial_dims)  # bad names raise now
-        self.target_spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.target_spacing = check_target_spacing(target_spacing)
         self.cache, self.cache_dir = cache, cache_dir
         self.check_data, self.skip_bad_cases = check_data, skip_bad_cases
         self.datasets: dict[str, Dataset] = {}
@@ -294,7 +254,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise ValueError(f"data.root={self.root!r}: dataset root does not exist: {root}")
             spec = validate(detect_layout(root), check_data=False, skip_bad_cases=self.skip_bad_cases)
             self._check_fits(spec)
-            make_splits(spec, self.fold, self.num_folds, self.split_seed, self.split_file, self.test_ids)
+            self._make_splits(spec)
             self._spec = spec
             logger.info(
                 "dataset %s (%s layout, %dD): %d training, %d validation, %d test cases; classes %s; "
@@ -318,16 +278,13 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.spatial_dims=3 but dataset {spec.root} holds 2D images ({spec.layout}, "
                 f"{spec.file_ending}); use spatial_dims=2"
             )
-        if self.target_spacing is not None:
-            if len(self.target_spacing) == 1:
-                self.target_spacing = self.target_spacing * spec.spatial_dims
-            if len(self.target_spacing) != spec.spatial_dims:
-                raise ValueError(
-                    f"target_spacing={list(self.target_spacing)}: expected {spec.spatial_dims} values "
-                    f"(one per axis of the dataset's {spec.spatial_dims}D files)"
-                )
+        self.target_spacing = check_target_spacing(self.target_spacing, spec.spatial_dims)
         if self.normalization is not None:
             check_normalization(self.normalization, spec.in_channels, spec.channel_names)
+
+    def _make_splits(self, spec: DatasetSpec) -> Splits:
+        """The train/val/test cases of ``spec`` by the split arguments (``unetseg.data.splits``)."""
+        return make_splits(spec, self.fold, self.num_folds, self.split_seed, self.split_file, self.test_ids)
 
     @property
     def class_names(self) -> list[str]:
@@ -362,20 +319,19 @@ class SegmentationDataModule(L.LightningDataModule):
     def _build_datasets(self, splits: Sequence[str]) -> dict[str, Dataset]:
         """Datasets of ``splits`` (``train``, ``val``, ``test``; ``predict`` with ``root``)."""
         if self.root is None:
-            return {
-                split: SyntheticSplit(
-                    SyntheticSegmentation(
-                        self.num_samples[split], self.spatial_size, self.spatial_dims, self.seed, split
-                    ),
-                    patch_size=self.patch_size if split == "train" else None,
-                    transform=self.transform if split == "train" else None,
-                )
-                for split in splits
-            }
+            return {split: self._synthetic_dataset(split) for split in splits}
         if not splits:
             return {}
         self._prepare()
         return {split: self._real_dataset(split) for split in splits}
+
+    def _synthetic_dataset(self, split: str) -> SyntheticSplit:
+        """A split of the built-in data; training samples are cropped to ``patch_size`` and augmented."""
+        size, dims = self.spatial_size, self.spatial_dims
+        data = SyntheticSegmentation(self.num_samples[split], size, dims, self.seed, split)
+        if split != "train":
+            return SyntheticSplit(data)
+        return SyntheticSplit(data, patch_size=self.patch_size, transform=self.transform)
 
     def _prepare(self) -> None:
         """Check the voxel data (once), split the cases, build the normalization and the case loader."""
@@ -385,9 +341,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.check_data and not self._data_checked:
             spec = validate(spec, check_data=True, skip_bad_cases=self.skip_bad_cases)
             self._spec, self._data_checked = spec, True
-        self.splits = make_splits(
-            spec, self.fold, self.num_folds, self.split_seed, self.split_file, self.test_ids
-        )
+        self.splits = self._make_splits(spec)
         normalizer = build_normalization(self.normalization, spec, cases=self.splits.train)
         self.loader = CaseLoader(spec, normalizer, self.target_spacing, self.cache, self.cache_dir)
         if self.cache == "memory":  # before the DataLoader forks its workers, so that they share the arrays
@@ -418,72 +372,81 @@ class SegmentationDataModule(L.LightningDataModule):
             shapes = [tuple(n for a, n in enumerate(shape) if a != self.slice_axis) for shape in shapes]
         return tuple(int(max(axis)) for axis in zip(*shapes, strict=True))
 
-    def _real_dataset(self, split: str) -> Dataset:
-        """The dataset of one split of ``root``: training samples or whole/cropped evaluation samples."""
-        assert self.splits is not None and self.loader is not None
+    def _cases(self, split: str) -> list[Case]:
+        """Cases of ``split``: ``predict`` is every test case, ``test`` only the labelled ones."""
+        assert self.splits is not None
         if split == "predict":
-            cases = list(self.splits.test)
-        elif split == "test":
-            cases = [c for c in self.splits.test if c.label is not None]
-            if not cases:
-                logger.warning(
-                    "no labelled test cases in %s: the test stage has nothing to evaluate (hold cases out "
-                    "with data.test_ids or a split file, or add labelsTs/)",
-                    self.spec.root,
-                )
-        else:
-            cases = list(getattr(self.splits, split))
+            return list(self.splits.test)
+        if split != "test":
+            return list(getattr(self.splits, split))
+        cases = [c for c in self.splits.test if c.label is not None]
+        if not cases:
+            logger.warning(
+                "no labelled test cases in %s: the test stage has nothing to evaluate (hold cases out "
+                "with data.test_ids or a split file, or add labelsTs/)",
+                self.spec.root,
+            )
+        return cases
+
+    def _real_dataset(self, split: str) -> Dataset:
+        """The dataset of one split of ``root``: drawn training samples or ordered evaluation samples."""
+        assert self.loader is not None
+        cases = self._cases(split)
         if split == "train":
             size = self.patch_size or self._largest(cases)
+            sampling = {"oversample": self.oversample, "batch_size": self.batch_size, "seed": self.seed,
+                        "length": self._epoch_samples()}
             if self.spatial_dims == 3:
                 return PatchDataset(
-                    cases,
-                    self.loader,
-                    size,
-                    self.samples_per_case,
-                    self.oversample_foreground,
-                    transform=self.transform,
+                    cases, self.loader, size, self.samples_per_case, transform=self.transform, **sampling
                 )
-            return SliceDataset2D(
-                cases,
-                self.loader,
-                axis=self.slice_axis,
-                patch_size=size,
-                foreground_only=self.foreground_only,
-                foreground_fraction=self.foreground_fraction,
+            return TrainingSlices2D(
+                cases, self.loader, **sampling, axis=self.slice_axis, patch_size=size, resize=self.resize,
                 transform=self.transform,
-                crop="random",
-                resize=self.resize,
-                seed=self.seed,
             )
         if self.spatial_dims == 3:
             return VolumeDataset(cases, self.loader, crop_size=self.val_crop_size)
         size = self.val_crop_size or self._largest(cases)
-        return SliceDataset2D(
-            cases, self.loader, axis=self.slice_axis, patch_size=size, crop="center", resize=self.resize
-        )
+        return SliceDataset2D(cases, self.loader, self.slice_axis, size, crop="center", resize=self.resize)
 
     # --------------------------------------------------------------------------------------- loaders
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        """Loader over the ``split`` dataset; a shuffled one draws its order from a ``seed``-ed generator."""
+    def _loader(self, split: str) -> DataLoader:
+        """Loader over the ``split`` dataset; only the synthetic training split is shuffled (seeded)."""
         if split not in self.datasets:
             raise RuntimeError(f"the {split!r} dataset is not built: call setup() first")
         dataset = self.datasets[split]
         whole_volumes = isinstance(dataset, VolumeDataset) and dataset.crop_size is None
+        shuffled = split == "train" and isinstance(dataset, SyntheticSplit)
+        generator = torch.Generator().manual_seed(self.seed) if split == "train" else None
         return DataLoader(
             dataset,
             batch_size=1 if whole_volumes else self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=RandomSampler(dataset, num_samples=self._epoch_samples(), generator=generator)
+            if shuffled else None,
+            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             drop_last=False,
         )
 
+    def _epoch_samples(self) -> int | None:
+        """Training samples per epoch: ``batches_per_epoch`` batches, or ``None`` for one pass."""
+        return None if self.batches_per_epoch is None else self.batches_per_epoch * self.batch_size
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Training batches; a real dataset draws them itself (not shuffled), counting positions per rank."""
+        sampler = getattr(self.datasets.get("train"), "class_sampler", None)
+        if sampler is not None:
+            sampler.set_stride(self._ranks())
+        return self._loader("train")
+
+    def _ranks(self) -> int:
+        """Processes that split the training items (Lightning's ``DistributedSampler``); 1 without trainer."""
+        if self.trainer is None or not self.trainer._accelerator_connector.use_distributed_sampler:
+            return 1
+        return self.trainer.world_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -494,14 +457,3 @@ class SegmentationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Test cases for inference: with ``root`` also the unlabelled ones (batches without ``label``)."""
         return self._loader("predict" if "predict" in self.datasets else "test")
-
-
-def case_ids(dataset: Dataset) -> list[str]:
-    """Case ids of a real dataset's samples, in sample order (no voxel data read)."""
-    if isinstance(dataset, SliceDataset2D):
-        return [dataset.cases[int(i)].case_id for i in dataset.case_index]
-    if isinstance(dataset, PatchDataset):
-        return [dataset.cases[i % len(dataset.cases)].case_id for i in range(len(dataset))]
-    if isinstance(dataset, VolumeDataset):
-        return [c.case_id for c in dataset.cases]
-    raise TypeError(f"case_ids: not a dataset of cases: {type(dataset).__name__}")

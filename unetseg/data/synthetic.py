@@ -130,15 +130,21 @@ def generate_sample(rng: np.random.Generator, spatial_size: Sequence[int]) -> tu
     return image, label
 
 
-def spatial_shape(spatial_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    """Checked ``spatial_dims``-tuple of positive ints from an int (every axis) or a per-axis sequence."""
+def spatial_shape(
+    spatial_size: int | Sequence[int], spatial_dims: int, name: str = "spatial_size"
+) -> tuple[int, ...]:
+    """Checked ``spatial_dims``-tuple of positive ints from an int (every axis) or a per-axis sequence.
+
+    >>> spatial_shape(64, 3), spatial_shape([32, 48], 2)
+    ((64, 64, 64), (32, 48))
+    """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims={spatial_dims!r}: expected 2 or 3")
     size = (spatial_size,) * spatial_dims if isinstance(spatial_size, int) else tuple(spatial_size)
-    if len(size) != spatial_dims or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(
-            f"spatial_size={spatial_size!r}: expected a positive int or {spatial_dims} positive ints"
-        )
+    if len(size) != spatial_dims or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
+    ):
+        raise ValueError(f"{name}={spatial_size!r}: expected a positive int or {spatial_dims} positive ints")
     return size
 
 

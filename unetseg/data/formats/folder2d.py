@@ -13,7 +13,9 @@ Classes: from an optional ``dataset.json`` with ``labels`` (``{"0": "background"
 
 * ``threshold``: JPEG masks (lossy, values smear around 0 and 255) -> ``> 127`` is class 1;
 * ``binary255``: masks whose values are within ``{0, 255}`` -> ``{0, 1}``;
-* ``index``: anything else, values are class indices ``0..K-1`` (undeclared classes are named ``class_k``).
+* ``index``: anything else, values are class indices ``0..K-1``. Without ``dataset.json`` the classes are
+  named ``class_k`` and every index up to the largest value must occur in some mask: a gap (binary masks with
+  one stray 7) is an error that names the stray values' files.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from unetseg.data.formats.io import JPEG_ENDINGS, RASTER_ENDINGS, file_ending, read_array, read_header
-from unetseg.data.formats.layout import DATASET_JSON, Case, DatasetSpec, read_dataset_json
-from unetseg.data.formats.msd import index_map
-from unetseg.data.formats.nnunet import label_names
+from unetseg.data.formats.layout import (
+    DATASET_JSON,
+    Case,
+    DatasetSpec,
+    InvalidDatasetError,
+    MissingDatasetFileError,
+    any_label_map,
+    labels_json_line,
+    read_dataset_json,
+)
 
 MASK_SUFFIXES: tuple[str, ...] = ("_mask", "_segmentation", "_seg", "_label", "_labels", "_gt", "_anno")
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
@@ -76,12 +85,8 @@ def _pair(images_dir: Path, masks_dir: Path, subset: str) -> list[Case]:
     return cases
 
 
-def _classes_from_masks(cases: list[Case], declared: list[str] | None) -> tuple[list[str], str]:
-    """(class names, label mode) from the mask files (all of them unless labels are declared)."""
-    masks = [c.label for c in cases if c.label is not None and c.images]
-    if any(m.name.lower().endswith(JPEG_ENDINGS) for m in masks):
-        return (declared or ["background", "foreground"]), "threshold"
-    union: set[int] = set()
+def _mask_values(masks: list[Path], declared: list[str] | None) -> dict[int, Path]:
+    """``{value: first mask holding it}`` over ``masks`` (stops at the first foreground with ``declared``)."""
     where: dict[int, Path] = {}
     for mask in masks:
         array = read_array(mask, is_mask=True)
@@ -89,36 +94,56 @@ def _classes_from_masks(cases: list[Case], declared: list[str] | None) -> tuple[
             raise ValueError(
                 f"mask {mask} is not integer-valued (dtype {array.dtype}); expected label indices or 0/255"
             )
-        values = {int(v) for v in np.unique(array)}
-        for v in values - union:
-            where[v] = mask
-        union |= values
-        if declared is not None and union - {0}:
+        for value in np.unique(array).tolist():
+            where.setdefault(int(value), mask)
+        if declared is not None and set(where) - {0}:
             break  # one mask with foreground is enough to tell 0/255 from indices
-    if union <= {0, 255} and 255 in union and (declared is None or len(declared) == 2):
+    return where
+
+
+def _index_classes(where: dict[int, Path], json_path: Path) -> list[str]:
+    """Class names of undeclared index masks; values must be ``0..K-1`` with every index present."""
+    values = sorted(where)
+    if values[0] < 0:
+        raise ValueError(f"mask {where[values[0]]} has negative value {values[0]}; expected label indices")
+    absent = sorted(set(range(values[-1] + 1)) - set(values))
+    if absent:
+        kept = ["background", *(f"class_{i}" for i in range(1, absent[0]))]
+        stray = ", ".join(f"{v} in {where[v]}" for v in values if v > absent[0])
+        raise InvalidDatasetError(
+            f"the masks hold the values {values}, so labels {absent} never occur ({stray}); without a "
+            f"dataset.json mask values must be the class indices 0..K-1: fix the stray mask values, or "
+            f"declare the classes in {json_path} with the line {{{labels_json_line(kept)}}}"
+        )
+    if values[-1] == 1:
+        return ["background", "foreground"]
+    return ["background", *(f"class_{i}" for i in range(1, values[-1] + 1))]
+
+
+def _classes_from_masks(
+    cases: list[Case], declared: list[str] | None, json_path: Path
+) -> tuple[list[str], str]:
+    """(class names, label mode) from the mask files (all of them unless labels are declared)."""
+    masks = [c.label for c in cases if c.label is not None and c.images]
+    if any(m.name.lower().endswith(JPEG_ENDINGS) for m in masks):
+        return (declared or ["background", "foreground"]), "threshold"
+    where = _mask_values(masks, declared)
+    if set(where) <= {0, 255} and 255 in where and (declared is None or len(declared) == 2):
         return (declared or ["background", "foreground"]), "binary255"
     if declared is not None:
         return declared, "index"
-    if not union - {0}:
+    if not set(where) - {0}:
         logger.warning("all %d masks are empty (only 0); assuming a binary task", len(masks))
         return ["background", "foreground"], "index"
-    if 255 in union:
-        others = sorted(union - {0, 255})
+    if 255 in where:
+        others = sorted(set(where) - {0, 255})
         raise ValueError(
             f"mask {where[others[0]]} has values {[v for v in others if where[v] == where[others[0]]][:10]} "
             f"while mask {where[255]} has 255: expected label indices 0..K-1 or 0/255 binary masks; "
             "declare the labels in a dataset.json "
             '(e.g. {"labels": {"0": "background", "1": "a", "2": "b"}})'
         )
-    if min(union) < 0:
-        raise ValueError(f"mask {where[min(union)]} has negative value {min(union)}; expected label indices")
-    top = max(union)
-    names = (
-        ["background", "foreground"]
-        if top == 1
-        else ["background", *(f"class_{i}" for i in range(1, top + 1))]
-    )
-    return names, "index"
+    return _index_classes(where, json_path), "index"
 
 
 def _default_norm(image: Path) -> str:
@@ -134,39 +159,62 @@ def _default_norm(image: Path) -> str:
         return "rgb" if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr") else "zscore"
 
 
-def parse_folder2d(root: Path) -> DatasetSpec:
-    """Describe a 2D ``images/`` + ``masks/`` folder (reads image headers and, to count classes, masks)."""
+def _subsets(root: Path) -> dict[str, list[Case]]:
+    """Cases per subset (``train`` and optional ``val``/``test``) of a flat or split folder tree."""
     subsets = [s for s in SUBSETS if (root / s / "images").is_dir()]
     if (root / "images").is_dir():
         if subsets:
             raise ValueError(f"{root} has both images/ and {subsets[0]}/images/; use one layout")
-        groups = {"train": _pair(root / "images", root / "masks", "train")}
         if not (root / "masks").is_dir():
             raise FileNotFoundError(
                 f"masks folder not found: expected {root / 'masks'} next to {root / 'images'}"
             )
-    else:
-        if "train" not in subsets:
-            raise FileNotFoundError(f"{root}: expected {root / 'train' / 'images'} (found {subsets} only)")
-        groups = {s: _pair(root / s / "images", root / s / "masks", s) for s in subsets}
-    if not groups["train"]:
+        return {"train": _pair(root / "images", root / "masks", "train")}
+    if "train" not in subsets:
+        raise FileNotFoundError(f"{root}: expected {root / 'train' / 'images'} (found {subsets} only)")
+    return {s: _pair(root / s / "images", root / s / "masks", s) for s in subsets}
+
+
+def _first_training_image(root: Path, train: list[Case]) -> Path:
+    """The first training image; raises when there is none (an empty ``images/``), naming the folders."""
+    first = next((c.images[0] for c in train if c.images), None)
+    if first is not None:
+        return first
+    masks = [c.label for c in train if c.label is not None]
+    if not masks:
         raise ValueError(f"no images found under {root}: expected PNG/JPG/TIFF/BMP/GIF files in images/")
+    raise MissingDatasetFileError(
+        f"no images in {masks[0].parent.parent / 'images'} but {len(masks)} mask(s) in {masks[0].parent} "
+        f"(e.g. {masks[0].name}): put each image in images/ under its mask's name "
+        f"({', '.join(RASTER_ENDINGS)})"
+    )
+
+
+def _check_unique_ids(groups: dict[str, list[Case]]) -> None:
+    """Raise on two images (of any subsets) with the same stem."""
     seen: dict[str, Path] = {}
     for case in (c for cases in groups.values() for c in cases if c.images):
         if case.case_id in seen:
             raise ValueError(f"duplicate case id '{case.case_id}': {seen[case.case_id]} and {case.images[0]}")
         seen[case.case_id] = case.images[0]
-    declared = None
+
+
+def _declared_classes(json_path: Path) -> list[str] | None:
+    """Class names of an optional ``dataset.json`` with ``labels`` (either direction), else ``None``."""
+    if not json_path.is_file():
+        return None
+    data = read_dataset_json(json_path)
+    return any_label_map(data, json_path) if "labels" in data else None
+
+
+def parse_folder2d(root: Path) -> DatasetSpec:
+    """Describe a 2D ``images/`` + ``masks/`` folder (reads image headers and, to count classes, masks)."""
+    groups = _subsets(root)
+    first = _first_training_image(root, groups["train"])
+    _check_unique_ids(groups)
     json_path = root / DATASET_JSON
-    if json_path.is_file():
-        data = read_dataset_json(json_path)
-        if "labels" in data:
-            labels = data["labels"]
-            digit_keys = isinstance(labels, dict) and all(str(k).isdigit() for k in labels)
-            declared = index_map(data, "labels", json_path) if digit_keys else label_names(labels, json_path)
     all_cases = [c for cases in groups.values() for c in cases]
-    class_names, label_mode = _classes_from_masks(all_cases, declared)
-    first = next(c.images[0] for c in groups["train"] if c.images)
+    class_names, label_mode = _classes_from_masks(all_cases, _declared_classes(json_path), json_path)
     header = read_header(first)
     in_channels = 1 if len(header.shape) == 2 else header.shape[-1]
     channel_names = (

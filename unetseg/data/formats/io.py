@@ -46,9 +46,12 @@ def case_id_from_path(path: Path) -> str:
     return strip_ending(path.name, SUPPORTED_ENDINGS + tuple(e.upper() for e in SUPPORTED_ENDINGS))
 
 
-def _missing(path: Path) -> FileNotFoundError:
-    """A ``FileNotFoundError`` naming ``path``."""
-    return FileNotFoundError(f"file not found: {path}")
+def _existing(path: Path) -> tuple[Path, str]:
+    """``(path, its supported ending)``; a ``FileNotFoundError`` naming ``path`` when it is no file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    return path, file_ending(path)
 
 
 def _tiff_to_hwc(array: np.ndarray) -> np.ndarray:
@@ -60,10 +63,7 @@ def _tiff_to_hwc(array: np.ndarray) -> np.ndarray:
 
 def read_header(path: Path) -> FileHeader:
     """Shape, affine and spacing of ``path`` without reading the voxel data (cheap for NIfTI and rasters)."""
-    path = Path(path)
-    if not path.is_file():
-        raise _missing(path)
-    ending = file_ending(path)
+    path, ending = _existing(path)
     try:
         if ending in NIFTI_ENDINGS:
             import nibabel as nib
@@ -99,10 +99,7 @@ def read_array(path: Path, is_mask: bool = False) -> np.ndarray:
     Masks (``is_mask``) come back 2D for rasters: palette images give their indices, RGB masks must have equal
     channels (grey stored as RGB, e.g. Kvasir-SEG) and JPEG masks are read as greyscale.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise _missing(path)
-    ending = file_ending(path)
+    path, ending = _existing(path)
     try:
         if ending in NIFTI_ENDINGS:
             import nibabel as nib

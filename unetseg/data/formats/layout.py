@@ -1,27 +1,28 @@
-"""Dataset records (``Case``, ``DatasetSpec``) and layout detection from a root folder.
-
-``detect_layout(root)`` looks at the folder and dispatches to the parser of one of the registered layouts:
-
-* ``msd``: Medical Segmentation Decathlon, ``dataset.json`` with ``training`` / ``labels`` (index -> name) /
-  ``modality``; one (possibly 4D, channels last) NIfTI per case.
-* ``nnunet``: nnU-Net v2 raw, ``dataset.json`` with ``channel_names`` / ``labels`` (name -> index) /
-  ``file_ending``; one file per channel ``imagesTr/CASE_0000.nii.gz``, label ``labelsTr/CASE.nii.gz``.
-* ``folder2d``: ``images/`` + ``masks/`` with matching stems (optionally in ``train/``, ``val/``, ``test/``).
-
-Detection reads ``dataset.json`` and at most file headers (and, for ``folder2d`` without declared labels, the
-mask values to count the classes); image data are read later, on demand. Per-case problems (a missing label,
-a shape mismatch, ...) are not raised here but by ``validate``, so that ``skip_bad_cases`` can list them.
+"""Shared records and helpers of the dataset layouts: ``Case``, ``DatasetSpec``, the ``DatasetError`` family,
+``dataset.json`` reading and label-map parsing. The parsers (``msd``, ``nnunet``, ``folder2d``) build on this
+module; ``detect`` picks one of them for a folder. This module imports none of them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DATASET_JSON = "dataset.json"
+
+
+class DatasetError(Exception):
+    """A problem with a dataset's files (the message names them); the CLI reports it and exits with 2."""
+
+
+class InvalidDatasetError(DatasetError, ValueError):
+    """Bad dataset content: labels out of range, image/mask shape mismatch, unreadable files, ..."""
+
+
+class MissingDatasetFileError(DatasetError, FileNotFoundError):
+    """A file the dataset needs is missing (an image without label, a label without image, ...)."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,68 @@ def require_keys(data: dict[str, Any], keys: tuple[str, ...], path: Path, flavou
             )
 
 
+def _names_by_index(items: list[tuple[int, str]], key: str, path: Path) -> list[str]:
+    """Names sorted by index; the indices must be ``0..n-1`` without gaps."""
+    items = sorted(items)
+    indices = [i for i, _ in items]
+    if indices != list(range(len(items))):
+        raise ValueError(f"{path}: '{key}' indices must be 0..{len(items) - 1} without gaps, got {indices}")
+    return [name for _, name in items]
+
+
+def index_map(data: dict[str, Any], key: str, path: Path) -> list[str]:
+    """MSD ``{"0": "a", "1": "b"}`` -> ``["a", "b"]``; keys must be the integers ``0..n-1``."""
+    mapping = data[key]
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"{path}: '{key}' must be a non-empty object of index -> name, got {mapping!r}")
+    try:
+        items = [(int(k), str(v)) for k, v in mapping.items()]
+    except ValueError as err:
+        raise ValueError(f"{path}: '{key}' keys must be integer indices, got {list(mapping)}") from err
+    return _names_by_index(items, key, path)
+
+
+def label_names(labels: object, path: Path) -> list[str]:
+    """nnU-Net ``{"background": 0, "liver": 1}`` -> ``["background", "liver"]`` (indices ``0..n-1``)."""
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{path}: 'labels' must be a non-empty object of name -> index, got {labels!r}")
+    items = []
+    for name, index in labels.items():
+        if isinstance(index, list | tuple):
+            raise ValueError(
+                f"{path}: region-based label '{name}': {index} is not supported; "
+                "expected one integer index per label"
+            )
+        if isinstance(index, bool) or not str(index).lstrip("-").isdigit():
+            raise ValueError(f"{path}: label '{name}' must map to an integer index, got {index!r}")
+        items.append((int(index), str(name)))
+    return _names_by_index(items, "labels", path)
+
+
+def any_label_map(data: dict[str, Any], path: Path) -> list[str]:
+    """Class names from ``labels`` written either way: index -> name (MSD) or name -> index (nnU-Net)."""
+    labels = data["labels"]
+    if isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
+        return index_map(data, "labels", path)
+    return label_names(labels, path)
+
+
+def labels_json_line(class_names: list[str]) -> str:
+    """The ``dataset.json`` entry that declares ``class_names``: ``"labels": {"0": "background", ...}``."""
+    return f'"labels": {json.dumps({str(i): name for i, name in enumerate(class_names)})}'
+
+
 def strip_ending(name: str, endings: tuple[str, ...]) -> str:
     """File name without the first of ``endings`` it ends with (``.nii.gz`` before ``.gz``)."""
     for ending in sorted(endings, key=len, reverse=True):
         if name.endswith(ending):
             return name[: -len(ending)]
     return name
+
+
+def channel_files(folder: Path, case_id: str, ending: str, count: int) -> tuple[Path, ...]:
+    """nnU-Net channel files ``folder/CASE_0000<ending>, ..., CASE_{count-1}<ending>``."""
+    return tuple(folder / f"{case_id}_{c:04d}{ending}" for c in range(count))
 
 
 def default_normalization_for(channel_names: list[str]) -> list[str]:
@@ -139,18 +196,6 @@ def default_normalization_for(channel_names: list[str]) -> list[str]:
     return [aliases.get(name.strip().lower(), "zscore") for name in channel_names]
 
 
-def _layout_parsers() -> dict[str, Callable[[Path], DatasetSpec]]:
-    """Registry of layout name -> parser (imported late: the parsers import this module)."""
-    from unetseg.data.formats.folder2d import parse_folder2d
-    from unetseg.data.formats.msd import parse_msd
-    from unetseg.data.formats.nnunet import parse_nnunet
-
-    return {"msd": parse_msd, "nnunet": parse_nnunet, "folder2d": parse_folder2d}
-
-
-LAYOUTS: tuple[str, ...] = ("msd", "nnunet", "folder2d")
-
-
 def check_root(root: Path) -> list[str]:
     """Raise if ``root`` is missing, not a folder or empty; return its visible entries."""
     if not root.exists():
@@ -161,49 +206,3 @@ def check_root(root: Path) -> list[str]:
     if not entries:
         raise ValueError(f"dataset root is empty: {root}")
     return entries
-
-
-def guess_layout(root: Path) -> str:
-    """Name of the layout of ``root`` (see the module docstring); raises if none matches."""
-    entries = check_root(root)
-    if (root / "images").is_dir() or any(
-        (root / sub / "images").is_dir() for sub in ("train", "val", "test")
-    ):
-        return "folder2d"
-    json_path = root / DATASET_JSON
-    if json_path.is_file():
-        data = read_dataset_json(json_path)
-        if "channel_names" in data:
-            return "nnunet"
-        if "training" in data or "modality" in data:
-            return "msd"
-        raise ValueError(
-            f"{json_path}: cannot tell the dataset.json flavour: expected key 'channel_names' "
-            f"(nnU-Net v2 raw) or 'training' and 'modality' (Medical Segmentation Decathlon); "
-            f"found keys {sorted(data)}"
-        )
-    if (root / "imagesTr").is_dir():
-        raise FileNotFoundError(
-            f"dataset.json not found: expected {json_path} next to imagesTr/ (MSD or nnU-Net v2 raw layout)"
-        )
-    raise ValueError(
-        f"cannot detect the dataset layout of {root}: expected dataset.json + imagesTr/ "
-        f"(MSD or nnU-Net v2 raw) or images/ + masks/ folders (2D, optionally under train/ val/ test/); "
-        f"found {entries[:20]}"
-    )
-
-
-def detect_layout(root: str | Path, layout: str | None = None) -> DatasetSpec:
-    """Detect the layout of ``root`` (or use ``layout``) and describe the dataset without reading image data.
-
-    >>> spec = detect_layout("/data/Task04_Hippocampus")  # doctest: +SKIP
-    >>> spec.layout, spec.num_classes, len(spec.cases_train)  # doctest: +SKIP
-    ('msd', 3, 260)
-    """
-    root = Path(root).expanduser()
-    parsers = _layout_parsers()
-    if layout is not None and layout not in parsers:
-        raise ValueError(f"unknown dataset layout '{layout}'; expected one of {list(parsers)}")
-    check_root(root)
-    name = guess_layout(root) if layout is None else layout
-    return parsers[name](root)

@@ -26,7 +26,9 @@ from unetseg.data.formats.layout import (
     DATASET_JSON,
     Case,
     DatasetSpec,
+    channel_files,
     default_normalization_for,
+    index_map,
     read_dataset_json,
     require_keys,
 )
@@ -34,21 +36,6 @@ from unetseg.data.formats.layout import (
 FLAVOUR = "Medical Segmentation Decathlon (MSD)"
 REQUIRED_KEYS: tuple[str, ...] = ("labels", "modality", "training")
 logger = logging.getLogger(__name__)
-
-
-def index_map(data: dict[str, Any], key: str, path: Path) -> list[str]:
-    """``{"0": "a", "1": "b"}`` -> ``["a", "b"]``; keys must be the integers ``0..n-1``."""
-    mapping = data[key]
-    if not isinstance(mapping, dict) or not mapping:
-        raise ValueError(f"{path}: '{key}' must be a non-empty object of index -> name, got {mapping!r}")
-    try:
-        items = sorted((int(k), str(v)) for k, v in mapping.items())
-    except ValueError as err:
-        raise ValueError(f"{path}: '{key}' keys must be integer indices, got {list(mapping)}") from err
-    indices = [i for i, _ in items]
-    if indices != list(range(len(items))):
-        raise ValueError(f"{path}: '{key}' indices must be 0..{len(items) - 1} without gaps, got {indices}")
-    return [name for _, name in items]
 
 
 def _resolve(root: Path, rel: str) -> Path:
@@ -61,10 +48,58 @@ def _channel_files(image: Path, num_channels: int) -> tuple[Path, ...]:
     if image.exists():
         return (image,)
     case_id = case_id_from_path(image)
-    first = image.with_name(f"{case_id}_0000.nii.gz")
-    if not first.exists():
-        return (image,)
-    return tuple(image.with_name(f"{case_id}_{c:04d}.nii.gz") for c in range(num_channels))
+    files = channel_files(image.parent, case_id, ".nii.gz", num_channels)
+    return files if files[0].exists() else (image,)
+
+
+def _training_cases(root: Path, data: dict[str, Any], json_path: Path, num_channels: int) -> list[Case]:
+    """Cases of the ``training`` list: ``{image, label}`` objects with paths relative to ``root``."""
+    if not isinstance(data["training"], list):
+        raise ValueError(f"{json_path}: 'training' must be a list of {{image, label}} objects")
+    cases = []
+    for i, entry in enumerate(data["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise ValueError(
+                f"{json_path}: training[{i}] must be an object with keys 'image' and 'label', got {entry!r}"
+            )
+        image = _resolve(root, entry["image"])
+        images = _channel_files(image, num_channels)
+        cases.append(Case(case_id_from_path(image), images, _resolve(root, entry["label"])))
+    return cases
+
+
+def _test_cases(root: Path, data: dict[str, Any], num_channels: int) -> list[Case]:
+    """Cases of the ``test`` list, with their label from ``labelsTs/`` where it exists."""
+    cases = []
+    labels_ts = root / "labelsTs"
+    for rel in data.get("test", []):
+        image = _resolve(root, rel if isinstance(rel, str) else rel.get("image", ""))
+        label = labels_ts / image.name if labels_ts.is_dir() else None
+        cases.append(
+            Case(
+                case_id_from_path(image),
+                _channel_files(image, num_channels),
+                label if label and label.exists() else None,
+            )
+        )
+    return cases
+
+
+def _warn_unlisted_labels(root: Path, cases: list[Case], json_path: Path) -> None:
+    """Log the label files of ``labelsTr/`` that the ``training`` list does not name (they are not used)."""
+    if not (root / "labelsTr").is_dir():
+        return
+    listed = {c.label.name for c in cases if c.label is not None}
+    unlisted = sorted(
+        p.name for p in (root / "labelsTr").glob("*") if not p.name.startswith(".") and p.name not in listed
+    )
+    if unlisted:
+        logger.warning(
+            "%s: %d label file(s) in labelsTr/ are not listed in 'training' and are ignored: %s",
+            json_path,
+            len(unlisted),
+            unlisted[:10],
+        )
 
 
 def parse_msd(root: Path) -> DatasetSpec:
@@ -74,46 +109,8 @@ def parse_msd(root: Path) -> DatasetSpec:
     require_keys(data, REQUIRED_KEYS, json_path, FLAVOUR)
     class_names = index_map(data, "labels", json_path)
     channel_names = index_map(data, "modality", json_path)
-    if not isinstance(data["training"], list):
-        raise ValueError(f"{json_path}: 'training' must be a list of {{image, label}} objects")
-    cases_train = []
-    for i, entry in enumerate(data["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise ValueError(
-                f"{json_path}: training[{i}] must be an object with keys 'image' and 'label', got {entry!r}"
-            )
-        image = _resolve(root, entry["image"])
-        images = _channel_files(image, len(channel_names))
-        cases_train.append(Case(case_id_from_path(image), images, _resolve(root, entry["label"])))
-    cases_test = []
-    labels_ts = root / "labelsTs"
-    for rel in data.get("test", []):
-        image = _resolve(root, rel if isinstance(rel, str) else rel.get("image", ""))
-        label = labels_ts / image.name if labels_ts.is_dir() else None
-        cases_test.append(
-            Case(
-                case_id_from_path(image),
-                _channel_files(image, len(channel_names)),
-                label if label and label.exists() else None,
-            )
-        )
-    listed = {c.label.name for c in cases_train if c.label is not None}
-    unlisted = (
-        sorted(
-            p.name
-            for p in (root / "labelsTr").glob("*")
-            if not p.name.startswith(".") and p.name not in listed
-        )
-        if (root / "labelsTr").is_dir()
-        else []
-    )
-    if unlisted:
-        logger.warning(
-            "%s: %d label file(s) in labelsTr/ are not listed in 'training' and are ignored: %s",
-            json_path,
-            len(unlisted),
-            unlisted[:10],
-        )
+    cases_train = _training_cases(root, data, json_path, len(channel_names))
+    _warn_unlisted_labels(root, cases_train, json_path)
     spatial_dims = 3
     first_label = next((c.label for c in cases_train if c.label is not None and c.label.is_file()), None)
     if first_label is not None and first_label.name.lower().endswith(NIFTI_ENDINGS):
@@ -125,7 +122,7 @@ def parse_msd(root: Path) -> DatasetSpec:
         in_channels=len(channel_names),
         channel_names=channel_names,
         cases_train=cases_train,
-        cases_test=cases_test,
+        cases_test=_test_cases(root, data, len(channel_names)),
         file_ending=".nii.gz",
         spatial_dims=spatial_dims,
         default_normalization=default_normalization_for(channel_names),

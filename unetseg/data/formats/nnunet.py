@@ -20,43 +20,17 @@ from unetseg.data.formats.layout import (
     DATASET_JSON,
     Case,
     DatasetSpec,
+    channel_files,
     default_normalization_for,
+    index_map,
+    label_names,
     read_dataset_json,
     require_keys,
 )
-from unetseg.data.formats.msd import index_map
 
 FLAVOUR = "nnU-Net v2 raw"
 REQUIRED_KEYS: tuple[str, ...] = ("channel_names", "labels", "file_ending")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-def label_names(labels: object, path: Path) -> list[str]:
-    """nnU-Net ``{"background": 0, "liver": 1}`` -> ``["background", "liver"]`` (indices ``0..n-1``)."""
-    if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{path}: 'labels' must be a non-empty object of name -> index, got {labels!r}")
-    items = []
-    for name, index in labels.items():
-        if isinstance(index, list | tuple):
-            raise ValueError(
-                f"{path}: region-based label '{name}': {index} is not supported; "
-                "expected one integer index per label"
-            )
-        if (
-            isinstance(index, bool)
-            or not isinstance(index, int | str)
-            or not str(index).lstrip("-").isdigit()
-        ):
-            raise ValueError(f"{path}: label '{name}' must map to an integer index, got {index!r}")
-        items.append((int(index), str(name)))
-    items.sort()
-    indices = [i for i, _ in items]
-    if indices != list(range(len(items))):
-        raise ValueError(
-            f"{path}: 'labels' indices must be 0..{len(items) - 1} without gaps "
-            f"(0 = background), got {indices}"
-        )
-    return [name for _, name in items]
 
 
 def _group_cases(folder: Path, ending: str, num_channels: int) -> dict[str, tuple[Path, ...]]:
@@ -82,7 +56,7 @@ def _group_cases(folder: Path, ending: str, num_channels: int) -> dict[str, tupl
             )
         # NIfTI: one file per channel; rasters: an RGB file holds three channels (counted by validate)
         count = num_channels if ending.lower() in NIFTI_ENDINGS else max(channels) + 1
-        groups[case_id] = tuple(folder / f"{case_id}_{c:04d}{ending}" for c in range(count))
+        groups[case_id] = channel_files(folder, case_id, ending, count)
     return groups
 
 
@@ -102,13 +76,8 @@ def _cases(
     cases = [Case(cid, paths, label_dir / f"{cid}{ending}") for cid, paths in groups.items()]
     for cid in label_ids - set(groups):  # a label without image: the expected image paths are reported
         count = num_channels if ending.lower() in NIFTI_ENDINGS else 1
-        cases.append(
-            Case(
-                cid,
-                tuple(root / images / f"{cid}_{c:04d}{ending}" for c in range(count)),
-                label_dir / f"{cid}{ending}",
-            )
-        )
+        images_of_label = channel_files(root / images, cid, ending, count)
+        cases.append(Case(cid, images_of_label, label_dir / f"{cid}{ending}"))
     return sorted(cases, key=lambda c: c.case_id)
 
 

@@ -3,7 +3,8 @@
 Checks per case (headers only, cheap): files exist (an image without label, a label without image), files
 are readable, channel count matches the spec, image and label shapes agree, NIfTI affines agree. With
 ``check_data`` the voxel data are read too: labels must be integer-valued within the declared labels, images
-must decode fully (truncated files) and be finite.
+must decode fully (truncated files) and be finite; a constant image (all zeros, say) is logged as a warning,
+or is an error when its label has foreground.
 """
 
 from __future__ import annotations
@@ -21,26 +22,21 @@ from unetseg.data.formats.io import (
     read_image,
     read_label,
 )
-from unetseg.data.formats.layout import Case, DatasetSpec
+from unetseg.data.formats.layout import (
+    Case,
+    DatasetError,
+    DatasetSpec,
+    InvalidDatasetError,
+    MissingDatasetFileError,
+)
 
+__all__ = ["DatasetError", "InvalidDatasetError", "MissingDatasetFileError", "case_problems", "validate"]
 logger = logging.getLogger(__name__)
 MAX_LISTED = 20
 AFFINE_RTOL = 1e-4
 AFFINE_ATOL = 1e-3
 
 Problem = tuple[type[Exception], str]
-
-
-class DatasetError(Exception):
-    """A problem with a dataset's files (the message names them); the CLI reports it and exits with 2."""
-
-
-class InvalidDatasetError(DatasetError, ValueError):
-    """Bad dataset content: labels out of range, image/mask shape mismatch, unreadable files, ..."""
-
-
-class MissingDatasetFileError(DatasetError, FileNotFoundError):
-    """A file the dataset needs is missing (an image without label, a label without image, ...)."""
 
 
 def _fmt_affine(affine: np.ndarray) -> str:
@@ -62,8 +58,8 @@ def _missing_label_message(case: Case) -> str:
     )
 
 
-def case_problems(case: Case, spec: DatasetSpec, check_data: bool, label_required: bool) -> list[Problem]:
-    """Everything wrong with one case (empty list if it is fine)."""
+def _file_problems(case: Case, label_required: bool) -> list[Problem]:
+    """A missing image (or label, when required or named): the files that should exist and do not."""
     missing_images = [p for p in case.images if not p.is_file()]
     has_label = case.label is not None and case.label.is_file()
     if not case.images or missing_images:
@@ -73,18 +69,47 @@ def case_problems(case: Case, spec: DatasetSpec, check_data: bool, label_require
         return [(FileNotFoundError, f"case {case.case_id}: image file not found: {expected}")]
     if not has_label and (label_required or case.label is not None):
         return [(FileNotFoundError, _missing_label_message(case))]
+    return []
+
+
+def _shape_problem(ref: FileHeader, header: FileHeader, is_label: bool, spatial_dims: int) -> str | None:
+    """Why ``header`` does not fit the first image ``ref`` (axes, shape, affine), or ``None``."""
+    spatial, other = ref.shape[:spatial_dims], header.shape[:spatial_dims]
+    raster = header.path.name.lower().endswith(RASTER_ENDINGS)  # RGB-stored masks are collapsed on read
+    if is_label and len(header.shape) != spatial_dims and not raster:
+        return (
+            f"label {header.path} has shape {header.shape}; expected "
+            f"{spatial_dims} axes matching image {ref.path} {spatial}"
+        )
+    if other != spatial:
+        return f"image {ref.path} shape {spatial} and {header.path} shape {other} disagree"
+    if (
+        ref.affine is not None
+        and header.affine is not None
+        and not np.allclose(ref.affine, header.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
+    ):
+        return (
+            f"image {ref.path} affine {_fmt_affine(ref.affine)} and {header.path} "
+            f"affine {_fmt_affine(header.affine)} disagree"
+        )
+    return None
+
+
+def _header_problems(case: Case, spec: DatasetSpec) -> list[Problem]:
+    """Unreadable headers, a wrong channel count, images/label of different shapes or affines."""
+    has_label = case.label is not None and case.label.is_file()
     headers: list[FileHeader] = []
     for path in (*case.images, *([case.label] if has_label else [])):
         try:
             headers.append(read_header(path))
         except (OSError, ValueError) as err:
             return [(ValueError, str(err))]
-    image_headers, label_header = headers[: len(case.images)], (headers[-1] if has_label else None)
-    problems: list[Problem] = []
+    images, label = headers[: len(case.images)], (headers[-1] if has_label else None)
     try:
-        channels = sum(image_channels(h, spec.spatial_dims) for h in image_headers)
+        channels = sum(image_channels(h, spec.spatial_dims) for h in images)
     except ValueError as err:
         return [(ValueError, str(err))]
+    problems: list[Problem] = []
     if channels != spec.in_channels:
         problems.append(
             (
@@ -93,45 +118,53 @@ def case_problems(case: Case, spec: DatasetSpec, check_data: bool, label_require
                 f"{spec.in_channels} ({spec.channel_names})",
             )
         )
-    ref = image_headers[0]
-    spatial = ref.shape[: spec.spatial_dims]
-    for header in [*image_headers[1:], *([label_header] if label_header else [])]:
-        other = header.shape[: spec.spatial_dims]
-        raster = header.path.name.lower().endswith(RASTER_ENDINGS)  # RGB-stored masks are collapsed on read
-        if header is label_header and len(header.shape) != spec.spatial_dims and not raster:
-            problems.append(
-                (
-                    ValueError,
-                    f"label {header.path} has shape {header.shape}; expected "
-                    f"{spec.spatial_dims} axes matching image {ref.path} {spatial}",
-                )
-            )
-        elif other != spatial:
-            problems.append(
-                (ValueError, f"image {ref.path} shape {spatial} and {header.path} shape {other} disagree")
-            )
-        elif (
-            ref.affine is not None
-            and header.affine is not None
-            and not np.allclose(ref.affine, header.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
-        ):
-            problems.append(
-                (
-                    ValueError,
-                    f"image {ref.path} affine {_fmt_affine(ref.affine)} and {header.path} "
-                    f"affine {_fmt_affine(header.affine)} disagree",
-                )
-            )
-    if problems or not check_data:
-        return problems
+    for header in [*images[1:], *([label] if label else [])]:
+        message = _shape_problem(images[0], header, header is label, spec.spatial_dims)
+        if message is not None:
+            problems.append((ValueError, message))
+    return problems
+
+
+def _data_problems(case: Case, spec: DatasetSpec) -> list[Problem]:
+    """Voxel-level problems: undecodable files, NaN/inf, labels outside the declared classes, blank images.
+
+    A constant image channel (every voxel one value, e.g. an all-zero export) is an error when the case's
+    label has foreground (nothing in the image shows it) and a logged warning otherwise.
+    """
     try:
         image, _ = read_image(case, spec)
         if not np.isfinite(image).all():
-            problems.append((ValueError, f"image {case.images[0]} contains NaN or infinite values"))
-        read_label(case, spec)
+            return [(ValueError, f"image {case.images[0]} contains NaN or infinite values")]
+        label = read_label(case, spec)
     except (OSError, ValueError) as err:
-        problems.append((ValueError, str(err)))
-    return problems
+        return [(ValueError, str(err))]
+    flat = image.reshape(image.shape[0], -1)
+    constant = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1)).tolist()
+    if not constant:
+        return []
+    one_file_per_channel = len(case.images) == len(image)
+    what = ", ".join(
+        f"{case.images[c if one_file_per_channel else 0]} (channel {c}: every voxel {flat[c, 0]:g})"
+        for c in constant
+    )
+    if label is not None and label.any():
+        return [
+            (
+                ValueError,
+                f"image {what} is constant but its label {case.label} has foreground: the image file is "
+                "probably a blank export; replace it, or drop the case (data.skip_bad_cases: true)",
+            )
+        ]
+    logger.warning("image %s is constant: it carries no information; check the file", what)
+    return []
+
+
+def case_problems(case: Case, spec: DatasetSpec, check_data: bool, label_required: bool) -> list[Problem]:
+    """Everything wrong with one case (empty list if it is fine); voxel data are read with ``check_data``."""
+    problems = _file_problems(case, label_required) or _header_problems(case, spec)
+    if problems or not check_data:
+        return problems
+    return _data_problems(case, spec)
 
 
 def validate(spec: DatasetSpec, check_data: bool = True, skip_bad_cases: bool = False) -> DatasetSpec:

@@ -1,4 +1,4 @@
-"""Datasets over real files: 2D slices, 3D patches with foreground oversampling, whole volumes, laziness."""
+"""Datasets over real files: 2D slices, 3D patches, whole volumes, the case loader and caches, laziness."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests._datafiles import FG_Z, SHAPE, affine, make_folder2d, make_msd, make_nnunet, write_nifti
-from unetseg.data.formats import detect_layout, validate
-from unetseg.data.formats import io as formats_io
-from unetseg.data.transforms import DEFAULT_AUGMENTATION_2D, DEFAULT_AUGMENTATION_3D, build_transform
-from unetseg.data.volume import (
-    CaseLoader,
-    ImageDataset2D,
+from unetseg.data.cases import CaseLoader
+from unetseg.data.datasets import (
     PatchDataset,
     SliceDataset2D,
+    TrainingSlices2D,
     VolumeDataset,
     extract_window,
 )
+from unetseg.data.formats import detect_layout, validate
+from unetseg.data.formats import io as formats_io
+from unetseg.data.transforms import DEFAULT_AUGMENTATION_2D, DEFAULT_AUGMENTATION_3D, build_transform
 
 
 @pytest.fixture
@@ -59,34 +59,17 @@ def test_patch_size_pads_and_crops_slices(msd):
     assert ds[3]["image"].equal(ds[3]["image"])  # center crop without transform: deterministic
 
 
-def test_foreground_only_and_fraction(msd):
-    loader = CaseLoader(msd)
-    fg_only = SliceDataset2D(msd.cases_train, loader, axis=2, foreground_only=True)
-    n_fg = FG_Z[1] - FG_Z[0]
-    assert len(fg_only) == 3 * n_fg
-    assert all(fg_only[i]["label"].any() for i in range(len(fg_only)))
-    half = SliceDataset2D(msd.cases_train, loader, axis=2, foreground_fraction=0.5, seed=0)
-    assert len(half) == 2 * 3 * n_fg
-    assert half.has_foreground.mean() == 0.5
-    assert sum(bool(half[i]["label"].any()) for i in range(len(half))) == 3 * n_fg
-    other = SliceDataset2D(msd.cases_train, loader, axis=2, foreground_fraction=0.5, seed=1)
-    assert not np.array_equal(half.slice_index, other.slice_index)  # background slices drawn by seed
-    everything = SliceDataset2D(msd.cases_train, loader, axis=2, foreground_fraction=0.1)
-    assert len(everything) == 3 * SHAPE[2]  # not enough background to dilute to 10 %: keep all
-    with pytest.raises(ValueError, match="either foreground_only or foreground_fraction"):
-        SliceDataset2D(msd.cases_train, loader, foreground_only=True, foreground_fraction=0.5)
-
-
 def test_slice_dataset_with_augmentation_and_dataloader(msd):
-    ds = SliceDataset2D(
+    ds = TrainingSlices2D(
         msd.cases_train,
         CaseLoader(msd),
         axis=2,
         patch_size=(16, 16),
-        foreground_only=True,
         transform=build_transform(DEFAULT_AUGMENTATION_2D, 2),
+        oversample=1.0,
+        batch_size=4,
     )
-    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
+    batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 2, 16, 16) and batch["label"].shape == (4, 16, 16)
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2}
 
@@ -94,7 +77,7 @@ def test_slice_dataset_with_augmentation_and_dataloader(msd):
 def test_image_folder_dataset_resizes_and_crops(tmp_path):
     spec = validate(detect_layout(make_folder2d(tmp_path / "f", n=3)))
     loader = CaseLoader(spec)
-    ds = ImageDataset2D(
+    ds = SliceDataset2D(
         spec.cases_train,
         loader,
         resize=(40, 48),
@@ -105,13 +88,10 @@ def test_image_folder_dataset_resizes_and_crops(tmp_path):
     sample = ds[0]
     assert sample["image"].shape == (3, 32, 32) and sample["label"].shape == (32, 32)
     assert set(sample["label"].unique().tolist()) <= {0, 1}
-    plain = ImageDataset2D(spec.cases_train, loader)[1]
+    plain = SliceDataset2D(spec.cases_train, loader)[1]
     assert (
         plain["image"].shape == (3, 20, 24) and 0 <= plain["image"].min() and plain["image"].max() <= 1
     )  # /255
-    msd = validate(detect_layout(make_msd(tmp_path / "m")))
-    with pytest.raises(ValueError, match="needs a 2D dataset"):
-        ImageDataset2D(msd.cases_train, CaseLoader(msd))
 
 
 def test_patch_dataset_shapes_padding_and_batching(msd):
@@ -126,7 +106,7 @@ def test_patch_dataset_shapes_padding_and_batching(msd):
     assert len(ds) == 12
     batch = next(iter(DataLoader(ds, batch_size=3)))
     assert batch["image"].shape == (3, 2, 8, 8, 8) and batch["label"].shape == (3, 8, 8, 8)
-    big = PatchDataset(msd.cases_train, loader, patch_size=(20, 16, 12), oversample_foreground=0)
+    big = PatchDataset(msd.cases_train, loader, patch_size=(20, 16, 12), oversample=0)
     sample = big[0]
     assert sample["image"].shape == (2, 20, 16, 12)
     assert int((sample["label"] > 0).sum()) == int(
@@ -158,7 +138,8 @@ def test_foreground_oversampling_rate(tmp_path, rate, expected):
         CaseLoader(spec, cache="memory"),
         patch_size=(patch,) * 3,
         samples_per_case=n,
-        oversample_foreground=rate,
+        oversample=rate,
+        batch_size=3,  # rate 1/3: the last item of every 3 is forced onto the dot
     )
     hits = np.mean([bool(ds[i]["label"].any()) for i in range(n)])
     # a uniform start in [0, size - patch] puts the centre voxel inside the patch for `patch` values per axis
@@ -176,10 +157,6 @@ def test_volume_dataset_whole_crop_and_pad(msd):
     crop = VolumeDataset(msd.cases_train, loader, crop_size=(8, 8, 8))[1]
     loaded = loader.load(msd.cases_train[1])
     assert np.array_equal(crop["label"].numpy(), loaded.label[4:12, 2:10, 1:9])  # (dim - 8) // 2 offsets
-    padded = VolumeDataset(msd.cases_train, loader, pad_to_multiple=8)[1]
-    assert padded["image"].shape == (2, 16, 16, 16)
-    assert np.array_equal(padded["label"][:, :12, :10].numpy(), loaded.label)
-    assert torch.all(padded["label"][:, 12:] == 0) and torch.all(padded["image"][:, :, :, 10:] == 0)
     test = make_msd(msd.root.parent / "with_test", n_cases=2, n_test=1)
     spec = detect_layout(test)
     unlabelled = VolumeDataset(spec.cases_test, CaseLoader(spec))[0]
@@ -221,7 +198,7 @@ def test_disk_cache_writes_arrays_and_serves_them_without_the_source(tmp_path, m
     def forbidden(*args, **kwargs):
         raise AssertionError("source file read despite the disk cache")
 
-    monkeypatch.setattr("unetseg.data.volume.read_image", forbidden)
+    monkeypatch.setattr("unetseg.data.cases.read_image", forbidden)
     again = CaseLoader(spec, cache="disk", cache_dir=cache_dir).load(spec.cases_train[0])
     assert isinstance(again.image, np.memmap) and np.array_equal(again.image, reference.image)
     with pytest.raises(ValueError, match="cache must be one of"):
