@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from unetseg import SegmentationModule, UNet
+from unetseg.data.formats.io import read_array
+from unetseg.inference.cases import InputCase, class_palette, write_mask
 from unetseg.inference.export import main as export_main
 from unetseg.inference.predict import Predictor, find_cases
 from unetseg.inference.predict import main as predict_main
@@ -28,23 +30,6 @@ from unetseg.training.cli import main
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "inference.md"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def _train(folder: Path, *extra: str) -> str:
-    """A tiny checkpoint from the debug config; returns the path of last.ckpt."""
-    args = ["--config", "debug", "--trainer.default_root_dir", str(folder), "--logging.save_dir"]
-    result = main([*args, str(folder / "runs"), *QUIET, "--test", "false", *extra])
-    return str(Path(result.best_model_path).with_name("last.ckpt"))
-
-
-@pytest.fixture(scope="module")
-def ckpt_2d(tmp_path_factory) -> str:
-    return _train(tmp_path_factory.mktemp("ckpt2d"))
-
-
-@pytest.fixture(scope="module")
-def ckpt_3d(tmp_path_factory) -> str:
-    return _train(tmp_path_factory.mktemp("ckpt3d"), "--data.spatial_dims", "3", "--data.spatial_size", "16")
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
@@ -70,10 +55,27 @@ def test_png_mask_keeps_the_size_and_matches_the_model(ckpt_2d, tmp_path):
         == 0
     )
     with Image.open(tmp_path / "o" / "scan.png") as out:
-        assert out.size == (53, 37) and out.mode == "L"
+        assert out.size == (53, 37) and out.mode == "P"  # class indices as pixel values, with a palette
         mask = np.asarray(out)
     np.testing.assert_array_equal(mask, _expected_mask(ckpt_2d, pixels))
     assert mask.max() < 4
+
+
+def test_png_masks_are_palette_images_that_viewers_show_in_colour(tmp_path):
+    mask = np.zeros((12, 20), np.uint8)
+    mask[2:6, 3:9], mask[7:11, 1:5], mask[:, 15:], mask[0, 19] = 1, 2, 3, 200
+    path = write_mask(mask, InputCase("case_9", [tmp_path / "case_9.png"]), (12, 20), tmp_path / "out")
+    assert path == tmp_path / "out" / "case_9.png"
+    with Image.open(path) as image:
+        assert image.mode == "P"
+        np.testing.assert_array_equal(np.asarray(image), mask)
+        rgb = np.asarray(image.convert("RGB"))
+    colours = {int(c): {tuple(int(v) for v in p) for p in rgb[mask == c]} for c in np.unique(mask)}
+    assert all(len(found) == 1 for found in colours.values())  # one colour per class
+    colours = {c: found.pop() for c, found in colours.items()}
+    assert colours[0] == (0, 0, 0) and len(set(colours.values())) == 5
+    assert len({tuple(c) for c in class_palette().tolist()}) == 256  # every uint8 class its own colour
+    np.testing.assert_array_equal(read_array(path, is_mask=True), mask)  # the data readers see the indices
 
 
 def _nifti(path: Path, data: np.ndarray, zooms=(0.7, 0.9, 2.5)) -> nib.Nifti1Image:
@@ -288,7 +290,7 @@ def test_python_built_module_with_an_init_args_net_is_restored_from_its_checkpoi
 @pytest.mark.parametrize(
     "net",
     [
-        lambda: UNet(channels=(4, 8, 16), out_channels=3, long_skip=("none", "add"), residual=True),
+        lambda: UNet(channels=(4, 8, 16), out_channels=3, long_skip=("none", "add"), block="residual"),
         lambda: UNet(in_channels=2, out_channels=3, channels=[4, 8], block="dense", norm=None),
     ],
     ids=["per-level-residual", "dense"],

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unetseg.training.module import SegmentationModule
+from unetseg.inference.checkpoint import CheckpointModel
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_KEY = "unetseg.json"
@@ -162,11 +162,9 @@ def export_checkpoint(
     ``size_multiple`` per axis (at least 32)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not one of {sorted(FORMATS)}")
-    module = SegmentationModule.load_for_inference(ckpt)
-    net = module.net.cpu().eval()
-    init_args = (module.hparams.get("net") or {}).get("init_args", {})
-    spatial_dims = int(getattr(net, "spatial_dims", init_args.get("spatial_dims", 2)))
-    in_channels = int(getattr(net, "in_channels", init_args.get("in_channels", 1)))
+    model = CheckpointModel.load(ckpt)
+    net = model.net.cpu().eval()
+    spatial_dims, in_channels = model.spatial_dims, model.in_channels
     if example_size is None:
         example_size = [max(32, 2 * int(getattr(net, "size_multiple", 16)))] * spatial_dims
     if len(example_size) != spatial_dims:
@@ -175,11 +173,11 @@ def export_checkpoint(
         )
     example = torch.randn(1, in_channels, *example_size, generator=torch.Generator().manual_seed(0))
     metadata = {
-        "class_names": list(module.class_names),
+        "class_names": list(model.class_names),
         "in_channels": in_channels,
         "spatial_dims": spatial_dims,
-        "net": module.hparams.get("net"),
-        "preprocessing": module.preprocessing,
+        "net": model.hparams.get("net"),
+        "preprocessing": model.preprocessing,
         "input": "image (N, C, *spatial) float32, normalized as in preprocessing",
         "output": "logits (N, num_classes, *spatial)",
     }
@@ -197,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m unetseg.inference.export",
         description="Export a unetseg checkpoint's net to ONNX or TorchScript.",
     )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by unetseg training")
+    parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) written by train.py")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx or torchscript")
     parser.add_argument("--output", help="output file (default: the checkpoint's path with .onnx / .pt)")
     parser.add_argument("--example-size", type=int, nargs="+", help="spatial size of the tracing example")
