@@ -35,10 +35,16 @@ def segmentation_metrics(num_classes: int) -> MetricCollection:
     )
 
 
-def summarize(
+def to_logged_scalars(
     per_class: dict[str, torch.Tensor], class_names: list[str], include_background: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Turn ``{"val/dice": tensor[C], ...}`` into the logged scalars ``val/dice`` and ``val/dice/<class>``."""
+    """Turn ``{"val/dice": tensor[C], ...}`` into the logged scalars ``val/dice`` (the mean over the reported
+    classes, NaN left out) and ``val/dice/<class>``; the background only if ``include_background``.
+
+    >>> out = to_logged_scalars({"val/dice": torch.tensor([0.9, 0.5, float("nan")])}, ["bg", "a", "b"])
+    >>> {k: round(float(v), 2) for k, v in out.items()}
+    {'val/dice': 0.5, 'val/dice/a': 0.5, 'val/dice/b': nan}
+    """
     first = 0 if include_background else 1
     out: dict[str, torch.Tensor] = {}
     for key, values in per_class.items():

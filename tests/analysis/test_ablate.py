@@ -1,22 +1,20 @@
-"""Ablation runner: one row per run, resume after an interruption, early errors, parameter matching."""
+"""Ablation command line: one row per run, resume after an interruption, early errors, parameter-matched
+plans, parallel subprocesses."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 import unetseg.analysis.ablate as ablate
-from unetseg.analysis.ablate import AblationError, AblationGrid, load_plan, match_width, plan_runs
+from unetseg.analysis import runner
+from unetseg.analysis.plan import load_plan
 from unetseg.nets import UNet
-from unetseg.nets.encoders import smp_available
-from unetseg.training.cli import REPO_CONFIGS
 
 DEBUG_CHANNELS = (4, 8, 16)  # configs/debug.yaml
 NUM_CLASSES = 4  # the built-in synthetic data: background, organ, lesion, vessel
@@ -42,11 +40,11 @@ def write_grid(path: Path, **fields) -> Path:
     return path
 
 
-RUN_ONE = ablate.run_one
+RUN_ONE = runner.run_one
 
 
 class Spy:
-    """Wraps ``ablate.run_one``: records the run ids, optionally interrupts before the n-th run."""
+    """Wraps ``runner.run_one``: records the run ids, optionally interrupts before the n-th run."""
 
     def __init__(self, interrupt_at: int | None = None) -> None:
         self.ran: list[str] = []
@@ -67,7 +65,7 @@ def test_tiny_grid_tables_and_resume(tmp_path, monkeypatch):
 
     # 1. stopped (Ctrl-C) while starting the third run: two runs finished
     spy = Spy(interrupt_at=3)
-    monkeypatch.setattr(ablate, "run_one", spy)
+    monkeypatch.setattr(runner, "run_one", spy)
     with pytest.raises(KeyboardInterrupt):
         ablate.main(args)
     assert spy.ran == all_runs[:2]
@@ -75,7 +73,7 @@ def test_tiny_grid_tables_and_resume(tmp_path, monkeypatch):
 
     # 2. the same command again runs only the two missing runs
     spy = Spy()
-    monkeypatch.setattr(ablate, "run_one", spy)
+    monkeypatch.setattr(runner, "run_one", spy)
     assert ablate.main(args) == 0
     assert spy.ran == all_runs[2:]
 
@@ -113,7 +111,7 @@ def test_tiny_grid_tables_and_resume(tmp_path, monkeypatch):
     markers = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     (out / "runs" / "long_skip=none-seed1" / "result.json").unlink()
     spy = Spy()
-    monkeypatch.setattr(ablate, "run_one", spy)
+    monkeypatch.setattr(runner, "run_one", spy)
     assert ablate.main(args) == 0
     assert spy.ran == ["long_skip=none-seed1"]
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
@@ -207,46 +205,6 @@ def test_plan_with_per_level_values_and_parameter_matched_copies(tmp_path):
     assert not (out / "runs").exists()  # a dry run trains nothing
 
 
-@pytest.mark.parametrize(
-    ("variant", "direction"),
-    [({"long_skip": "add"}, 1), ({"long_skip": "none", "block": "dense"}, 1), ({"block": "residual"}, -1)],
-)
-def test_match_width_reaches_the_target_within_tolerance(variant, direction):
-    channels = (16, 32, 64, 128)
-    target = UNet(channels=channels, out_channels=NUM_CLASSES).parameter_counts()["total"]
-
-    def build(widths):
-        return UNet(channels=tuple(widths), out_channels=NUM_CLASSES, **variant)
-
-    own = sum(p.numel() for p in build(channels).parameters())
-    assert (own - target) * direction < 0  # the variant starts below (widen) or above (narrow) the target
-    widths, params, multiplier = match_width(build, channels, target, tolerance=0.02)
-    assert abs(params - target) <= 0.02 * target
-    assert sum(p.numel() for p in build(widths).parameters()) == params  # counted again, on the CPU
-    assert (multiplier - 1) * direction > 0
-
-
-def test_match_width_says_when_the_tolerance_cannot_be_met():
-    def build(widths):
-        return torch.nn.Conv2d(1, widths[0], 3)
-
-    with pytest.raises(AblationError, match=r"could not match 25 parameters within 1.0%"):
-        match_width(build, (2,), target=25, tolerance=0.01)  # 10 parameters per channel: 20 or 30
-
-
-GRID_FILES = sorted((REPO_CONFIGS / "ablation").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("path", GRID_FILES, ids=[p.stem for p in GRID_FILES])
-def test_shipped_grid_files_are_valid(path, tmp_path):
-    if "EncoderUNet" in path.read_text() and not (smp_available() or os.environ.get("UNETSEG_REQUIRE_SMP")):
-        pytest.skip("needs the [smp] extra")
-    grid = AblationGrid.from_file(path)
-    runs = plan_runs(grid, tmp_path, log=lambda _: None)
-    assert len(runs) >= len(grid.variants()) * len(grid.seeds)
-    assert len({r.id for r in runs}) == len(runs)
-
-
 @pytest.mark.slow
 def test_jobs_run_in_parallel_subprocesses(tmp_path):
     grid = write_grid(tmp_path / "tiny.yaml", gradflow=None)
@@ -257,28 +215,15 @@ def test_jobs_run_in_parallel_subprocesses(tmp_path):
     assert sorted(p.name for p in (out / "logs").glob("*.log")) == sorted(f"{r}.log" for r in frame["run"])
 
 
-def test_pairwise_confidence_interval_power_and_notes():
-    """The report's statistics on hand-made results: a clear difference, a null one and a small noisy one."""
-    from scipy import stats
-
-    from unetseg.analysis.report import pairwise, seeds_for_power
-
-    seeds = range(6)
-    base = [0.90, 0.92, 0.91, 0.93, 0.89, 0.92]
-    shifts = {"a": [0.0] * 6, "b": [-0.10 + 0.002 * (s % 2) for s in seeds], "c": [0.01, -0.01] * 3}
-    rows = [
-        {"variant": name, "seed": s, "m": base[s] + shift[s]} for name, shift in shifts.items() for s in seeds
-    ]
-    frame = pd.DataFrame(rows)
-    pairs = {(p["a"], p["b"]): p for p in pairwise(frame, ["a", "b", "c"], "m")}
-    ab, ac = pairs[("a", "b")], pairs[("a", "c")]
-    diff = frame[frame.variant == "a"]["m"].to_numpy() - frame[frame.variant == "b"]["m"].to_numpy()
-    lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
-    assert ab["diff_mean"] - ab["ci95"] == pytest.approx(lo)
-    assert ab["diff_mean"] + ab["ci95"] == pytest.approx(hi)
-    assert ab["p"] < 1e-6 and ab["seeds_for_power"] == 2  # a 0.1 difference with 0.001 spread
-    assert ac["diff_mean"] == pytest.approx(0.0, abs=1e-12) and ac["p"] > 0.5
-    assert ac["diff_mean"] - ac["ci95"] < 0 < ac["diff_mean"] + ac["ci95"]
-    # the power formula: (z_.975 + z_.8)^2 = 7.85 seeds for a difference equal to its spread, 4x for half
-    assert seeds_for_power(0.01, 0.01) == 8 and seeds_for_power(-0.005, 0.01) == 32
-    assert seeds_for_power(0.0, 0.01) == math.inf
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--plan", "plan.json"], "--plan needs --run or --report_only"),
+        (["--config", "grid.yaml", "--run", "x"], "--run needs --plan"),
+        (["--config", "grid.yaml", "--jobs", "0"], "--jobs 0: must be >= 1"),
+    ],
+)
+def test_inconsistent_options_are_refused_before_reading_files(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -20,6 +20,7 @@ from monai.metrics import (
     compute_dice,
     compute_hausdorff_distance,
     compute_iou,
+    compute_surface_dice,
 )
 from scipy.ndimage import uniform_filter
 from torch import nn
@@ -28,7 +29,13 @@ from torch.utils.data import DataLoader
 from tests._wandb import history, offline_run
 from unetseg import SegmentationModule
 from unetseg.data import SegmentationDataModule
-from unetseg.evaluation.per_case import CSV_COLUMNS, PerCaseEvaluation, case_metrics, summarize_cases
+from unetseg.evaluation.per_case import (
+    CSV_COLUMNS,
+    PerCaseEvaluation,
+    aggregate_over_cases,
+    case_metrics,
+    case_rows,
+)
 from unetseg.training.cli import main
 
 
@@ -119,6 +126,93 @@ def test_bad_inputs_are_named():
         case_metrics(np.zeros((4, 4)), np.zeros((4, 4), int), 2)
 
 
+def _square(top: int, shape=(9, 8)) -> np.ndarray:
+    """A 3 x 3 square of class 1 over rows ``top..top+2``, columns 2..4."""
+    mask = np.zeros(shape, dtype=np.int64)
+    mask[top : top + 3, 2:5] = 1
+    return mask
+
+
+def test_nsd_identical_far_apart_and_empty():
+    label = _square(2)
+    assert case_metrics(label, label, 2)[1]["nsd"] == 1.0
+    far = np.zeros((30, 8), dtype=np.int64)
+    far[25:28, 2:5] = 1
+    assert case_metrics(far, np.pad(label, ((0, 21), (0, 0))), 2, nsd_tolerance=3.0)[1]["nsd"] == 0.0
+    empty = np.zeros_like(label)
+    assert case_metrics(empty, label, 2)[1]["nsd"] == 0.0  # missed structure
+    assert math.isnan(case_metrics(empty, empty, 2)[1]["nsd"])  # undefined, left out of means
+
+
+def test_nsd_of_a_one_voxel_shift_by_hand():
+    # The surface of a 3 x 3 square is its 8 border pixels. Shifted down one row, 4 of the 8 border pixels of
+    # each square lie on the other's border (distance 0) and 4 one row away (distance 1 spacing unit).
+    label, pred = _square(2), _square(3)
+    assert case_metrics(pred, label, 2, nsd_tolerance=1.0)[1]["nsd"] == 1.0  # shift within the tolerance
+    assert case_metrics(pred, label, 2, nsd_tolerance=0.5)[1]["nsd"] == pytest.approx(8 / 16)
+    # rows 2 mm apart: the shift is 2 mm, beyond a 1 mm tolerance. Within 1 mm: the 4 border pixels of each
+    # square on the other's border, and one pixel each whose nearest border pixel is 1 column (1 mm) away.
+    m = case_metrics(pred, label, 2, spacing=(2.0, 1.0), nsd_tolerance=1.0)[1]
+    assert m["nsd"] == pytest.approx(10 / 16)
+    # the same shift along columns of 0.5 mm is within tolerance; 2 mm tolerance covers the 2 mm rows
+    shifted = np.roll(label, 1, axis=1)
+    assert case_metrics(shifted, label, 2, spacing=(2.0, 0.5), nsd_tolerance=1.0)[1]["nsd"] == 1.0
+    assert case_metrics(pred, label, 2, spacing=(2.0, 1.0), nsd_tolerance=2.0)[1]["nsd"] == 1.0
+
+
+def test_nsd_per_class_tolerance_and_agreement_with_monai():
+    rng = np.random.default_rng(3)
+    shape, spacing, num_classes = (20, 24, 16), (1.5, 0.8, 2.5), 3
+    label, pred = _blobs(rng, shape, num_classes), _blobs(rng, shape, num_classes)
+    ours = case_metrics(pred, label, num_classes, spacing, nsd_tolerance={1: 1.0, 2: 3.0})
+    one_hot = [
+        F.one_hot(torch.from_numpy(a), num_classes).movedim(-1, 0)[None].float() for a in (pred, label)
+    ]
+    monai = compute_surface_dice(*one_hot, [1.0, 3.0], spacing=list(spacing))
+    assert ours[1]["nsd"] == pytest.approx(monai[0, 0].item(), rel=1e-6)
+    assert ours[2]["nsd"] == pytest.approx(monai[0, 1].item(), rel=1e-6)
+    assert 0 < ours[1]["nsd"] < 1
+    names = ["background", "organ", "lesion"]
+    rows = case_rows("c", pred, label, names, spacing, nsd_tolerance={"organ": 1.0, "lesion": 3.0})
+    assert [r["nsd"] for r in rows] == [ours[1]["nsd"], ours[2]["nsd"]]
+    with pytest.raises(ValueError, match=r"has no value for class\(es\) \[2\]"):
+        case_metrics(pred, label, num_classes, nsd_tolerance={1: 1.0})
+    with pytest.raises(
+        ValueError, match=r"unknown class\(es\) \['liver'\], missing class\(es\) \['lesion'\]"
+    ):
+        case_rows("c", pred, label, names, nsd_tolerance={"organ": 1, "liver": 2})
+    with pytest.raises(ValueError, match=r"nsd_tolerance_mm=-1.0: expected a finite number >= 0"):
+        PerCaseEvaluation(nsd_tolerance_mm=-1.0)
+
+
+def test_callback_nsd_per_class_tolerance_in_csv_summary_and_logs(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = [np.pad(_blobs(rng, (10, 10, 8), 3), ((1, 1), (0, 0), (0, 0))) for _ in range(2)]
+    preds = [np.roll(g, 1, axis=0) for g in labels]
+    spacings = [torch.tensor([3.0, 1.0, 1.0]), torch.tensor([0.5, 2.0, 2.0])]
+    items = _batch_items(preds, labels, case_id=["p1", "p2"], spacing=spacings)
+    tolerance = {"organ": 1.0, "lesion": 3.0}
+    callback = PerCaseEvaluation(output_dir=str(tmp_path / "eval"), nsd_tolerance_mm=tolerance)
+    module = SegmentationModule(_Oracle(3), class_names=["background", "organ", "lesion"])
+    metrics = _trainer(tmp_path, callback).test(module, DataLoader(items, batch_size=1), verbose=False)[0]
+    with (tmp_path / "eval" / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        i = int(r["case_id"][1]) - 1
+        expected = case_metrics(preds[i], labels[i], 3, spacings[i].tolist(), nsd_tolerance={1: 1.0, 2: 3.0})
+        assert float(r["nsd"]) == pytest.approx(expected[1 if r["class"] == "organ" else 2]["nsd"])
+    # p1: the one-voxel shift is 3 mm along axis 0, beyond organ's 1 mm and within lesion's 3 mm tolerance
+    assert float(rows[0]["nsd"]) < 1 and float(rows[1]["nsd"]) == 1.0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    organ = np.mean([float(r["nsd"]) for r in rows if r["class"] == "organ"])
+    assert summary["per_class"]["organ"]["nsd"]["mean"] == pytest.approx(organ)
+    assert metrics["test/nsd/organ"] == pytest.approx(organ)
+    assert metrics["test/nsd"] == pytest.approx(summary["foreground_mean"]["nsd"])
+    bad = PerCaseEvaluation(output_dir=str(tmp_path / "bad"), nsd_tolerance_mm={"organ": 1.0})
+    with pytest.raises(ValueError, match=r"missing class\(es\) \['lesion'\]"):
+        _trainer(tmp_path, bad).test(module, DataLoader(items, batch_size=1), verbose=False)
+
+
 def test_summary_is_mean_and_median_over_defined_cases_and_foreground_mean_of_class_means():
     nan = math.nan
     rows = [
@@ -129,7 +223,7 @@ def test_summary_is_mean_and_median_over_defined_cases_and_foreground_mean_of_cl
         {"case_id": "b", "class": "lesion", "dice": 0.2, "iou": 0.1, "hd95": 10.0, "asd": 3.0},
         {"case_id": "c", "class": "lesion", "dice": 0.0, "iou": 0.0, "hd95": 30.0, "asd": 9.0},
     ]
-    s = summarize_cases(rows, ["background", "organ", "lesion"])
+    s = aggregate_over_cases(rows, ["background", "organ", "lesion"])
     assert s["num_cases"] == 3
     assert s["per_class"]["organ"]["dice"] == {"mean": pytest.approx(2.2 / 3), "median": 0.7, "n": 3}
     assert s["per_class"]["lesion"]["dice"] == {

@@ -24,7 +24,6 @@ QUIET = [
 ]
 
 
-
 def test_panel_colours_exactly_the_labelled_pixels():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(1, 12, 10)).astype(np.float32)

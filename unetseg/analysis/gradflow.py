@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from unetseg.analysis.plotting import pyplot, save_figure
+
 FIELDS = ("step", "epoch", "group", "grad_norm", "weight_norm", "update_norm", "update_ratio")
 
 
@@ -207,11 +209,7 @@ def plot_gradflow(
     ``records`` is one run's records, or a list of ``(label, records)`` to put runs side by side (one column
     per run, shared colour scale per row so that the runs compare directly).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = list(records)
     if runs and isinstance(runs[0], dict):
         runs = [("", runs)]
@@ -253,21 +251,13 @@ def plot_gradflow(
             fig.colorbar(image, ax=list(axes[row]), label=f"log10 {label}", shrink=0.9)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_gradflow_profile(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | Path) -> Path:
     """Median over the recorded steps of gradient norm and update ratio per layer group (data-flow order on
     the x axis), one line per run: where in the net the gradients and updates are large."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.2), constrained_layout=True)
     for ax, (key, label) in zip(axes, PANELS, strict=True):
         for i, (run_label, records) in enumerate(runs):
@@ -286,8 +276,4 @@ def plot_gradflow_profile(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], 
         ax.set_ylabel(f"median {label}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

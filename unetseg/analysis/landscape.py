@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from unetseg.analysis.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -188,9 +189,7 @@ def load_run(ckpt: str | Path, config: str | Path | None = None) -> tuple[nn.Mod
         raise FileNotFoundError(
             f"no config for {ckpt}: expected the run's {config} (written by the training CLI); pass --config"
         )
-    with warnings.catch_warnings():  # LightningCLI warns when called with args while sys.argv has others
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        cli = build_cli(["--config", str(config), "--trainer.logger", "false", "--test", "false"])
+    cli = build_cli(["--config", str(config), "--trainer.logger", "false", "--test", "false"])
     state = torch.load(ckpt, map_location="cpu", weights_only=False)  # a local, trusted Lightning checkpoint
     cli.model.load_state_dict(state["state_dict"])
     return cli.model, cli.datamodule
@@ -229,11 +228,7 @@ def landscape_from_checkpoint(
 
 def plot_landscapes(items: Sequence[tuple[str, Landscape]], path: str | Path, kind: str = "both") -> Path:
     """Plot 1D curves (overlaid), 2D contours (side by side, shared levels) or both (``kind``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if kind not in ("1d", "2d", "both"):
         raise ValueError(f"kind={kind!r} is not one of ['1d', '2d', 'both']")
     ncols = (1 if kind != "2d" else 0) + (len(items) if kind != "1d" else 0)
@@ -263,11 +258,7 @@ def plot_landscapes(items: Sequence[tuple[str, Landscape]], path: str | Path, ki
             ax.set_ylabel("beta (d2)")
             ax.set_aspect("equal")
             ax.set_title(f"{label}  (centre loss {land.center_loss:.3g})".strip(), fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

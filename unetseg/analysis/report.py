@@ -1,4 +1,4 @@
-"""Tables and figures of an ablation (``unetseg.analysis.ablate``): ``results.csv``, ``results.md`` and PNGs.
+"""Tables, paired tests and figures of an ablation: ``results.csv``, ``results.md`` and PNGs.
 
 * ``results.csv``: one row per finished run: grid values, seed, parameter counts (total and per part), fit
   time, best epoch, test loss and Dice/IoU (mean and per class).
@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from unetseg.analysis.ablate import AblationGrid, Run, format_value, read_marker
+from unetseg.analysis.gradflow import plot_gradflow, plot_gradflow_profile
+from unetseg.analysis.grid import AblationGrid, format_value
+from unetseg.analysis.plan import Run, read_marker
+from unetseg.analysis.plotting import pyplot, save_figure
 
 SIGNIFICANCE = 0.05
 POWER = 0.8
@@ -48,6 +51,11 @@ def collect(grid: AblationGrid, runs: Sequence[Run], out_dir: Path) -> tuple[pd.
     return pd.DataFrame(rows), markers
 
 
+def _variants(runs: Sequence[Run]) -> list[str]:
+    """The variant names in plan order."""
+    return list(dict.fromkeys(r.variant for r in runs))
+
+
 def _mean_std(values: pd.Series) -> tuple[float, float]:
     """Mean and sample standard deviation (``nan`` for one value)."""
     values = values.dropna().astype(float)
@@ -66,8 +74,9 @@ def _pm(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def summarize(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> pd.DataFrame:
-    """Per variant (given order): runs, mean/std of every test metric, parameters, best epoch, fit time."""
+def aggregate_over_seeds(frame: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
+    """Per variant (given order): runs, mean/std over seeds of every test metric, parameters, best epoch and
+    fit time; one row per variant with finished runs."""
     test_cols = [c for c in frame.columns if c.startswith("test/")]
     rows = []
     for variant in variants:
@@ -109,45 +118,44 @@ def pairwise(frame: pd.DataFrame, variants: Sequence[str], metric: str) -> list[
     half-width (t distribution), paired t-test p-value, the seeds a test at 80% power would need if the
     observed difference were true (:func:`seeds_for_power`), and whether the mean +- std intervals of the two
     variants overlap."""
-    from scipy import stats
-
     by_variant = {v: frame[frame["variant"] == v].set_index("seed")[metric].astype(float) for v in variants}
     out = []
     for i, a in enumerate(variants):
         for b in variants[i + 1 :]:
             xa, xb = by_variant[a].dropna(), by_variant[b].dropna()
-            if xa.empty or xb.empty:
-                continue
-            seeds = sorted(set(xa.index) & set(xb.index))
-            diff = (xa.loc[seeds] - xb.loc[seeds]).to_numpy() if seeds else np.array([])
-            p = math.nan
-            if len(seeds) >= 2 and np.ptp(diff) > 0:
-                p = float(stats.ttest_rel(xa.loc[seeds], xb.loc[seeds]).pvalue)
-            elif len(seeds) >= 2:  # identical differences: the t statistic is infinite unless all are 0
-                p = 1.0 if np.all(diff == 0) else 0.0
-            diff_mean = float(diff.mean()) if len(diff) else math.nan
-            diff_std = ci95 = seeds_needed = math.nan
-            if len(seeds) >= 2:
-                diff_std = float(diff.std(ddof=1))
-                ci95 = float(stats.t.ppf(0.975, len(seeds) - 1)) * diff_std / math.sqrt(len(seeds))
-                seeds_needed = seeds_for_power(diff_mean, diff_std)
-            (ma, sa), (mb, sb) = _mean_std(xa), _mean_std(xb)
-            sa, sb = (0.0 if math.isnan(s) else s for s in (sa, sb))
-            overlap = (ma - sa) <= (mb + sb) and (mb - sb) <= (ma + sa)
-            out.append(
-                {
-                    "a": a,
-                    "b": b,
-                    "seeds": len(seeds),
-                    "diff_mean": diff_mean,
-                    "diff_std": diff_std,
-                    "p": p,
-                    "ci95": ci95,
-                    "seeds_for_power": seeds_needed,
-                    "overlap": overlap,
-                }
-            )
+            if not xa.empty and not xb.empty:
+                out.append({"a": a, "b": b, **_compare(xa, xb)})
     return out
+
+
+def _compare(xa: pd.Series, xb: pd.Series) -> dict[str, Any]:
+    """The statistics of one pair (values indexed by seed) that :func:`pairwise` reports."""
+    from scipy import stats
+
+    seeds = sorted(set(xa.index) & set(xb.index))
+    diff = (xa.loc[seeds] - xb.loc[seeds]).to_numpy() if seeds else np.array([])
+    p = math.nan
+    if len(seeds) >= 2 and np.ptp(diff) > 0:
+        p = float(stats.ttest_rel(xa.loc[seeds], xb.loc[seeds]).pvalue)
+    elif len(seeds) >= 2:  # identical differences: the t statistic is infinite unless all are 0
+        p = 1.0 if np.all(diff == 0) else 0.0
+    diff_mean = float(diff.mean()) if len(diff) else math.nan
+    diff_std = ci95 = seeds_needed = math.nan
+    if len(seeds) >= 2:
+        diff_std = float(diff.std(ddof=1))
+        ci95 = float(stats.t.ppf(0.975, len(seeds) - 1)) * diff_std / math.sqrt(len(seeds))
+        seeds_needed = seeds_for_power(diff_mean, diff_std)
+    (ma, sa), (mb, sb) = _mean_std(xa), _mean_std(xb)
+    sa, sb = (0.0 if math.isnan(s) else s for s in (sa, sb))
+    return {
+        "seeds": len(seeds),
+        "diff_mean": diff_mean,
+        "diff_std": diff_std,
+        "p": p,
+        "ci95": ci95,
+        "seeds_for_power": seeds_needed,
+        "overlap": (ma - sa) <= (mb + sb) and (mb - sb) <= (ma + sa),
+    }
 
 
 def _ci(pair: dict[str, Any]) -> str:
@@ -172,18 +180,42 @@ def markdown(
 ) -> str:
     """The text of ``results.md``."""
     metric = grid.metric
-    iou = metric.replace("dice", "iou") if "dice" in metric else None
-    variants = list(dict.fromkeys(r.variant for r in runs))
-    baseline_of = {r.variant: r.baseline for r in runs}
-    summary = summarize(frame, variants, metric)
-    classes = _class_names(frame, metric)
-    planned = len(runs)
-    finished = len(frame)
-    lines = [f"# Ablation `{grid.name}`", ""]
-    lines.append(
-        f"Grid file `{grid.source}`; {len(variants)} variants x {len(grid.seeds)} seeds {grid.seeds}; "
-        f"{finished} of {planned} runs finished."
+    variants = _variants(runs)
+    summary = aggregate_over_seeds(frame, variants)
+    lines = [f"# Ablation `{grid.name}`", "", *_overview(grid, runs, frame, elapsed_s, jobs)]
+    lines += ["", f"## Results (`{metric}`, mean ± std over seeds)", ""]
+    if summary.empty:
+        return "\n".join([*lines, "No run has finished yet."]) + "\n"
+    lines += _results_table(
+        summary, metric, _class_names(frame, metric), {r.variant: r.baseline for r in runs}
     )
+    matched = [r for r in runs if r.matched and r.seed == grid.seeds[0]]
+    if matched:
+        lines += ["", "Parameter-matched variants (widths scaled to the baseline's parameter count):", ""]
+        lines += [
+            f"- `{r.variant}`: `{r.width['argument']}={r.width['widths']}` "
+            f"(x{r.width['multiplier']}), {r.params['total']:,} parameters vs baseline `{r.baseline}`"
+            for r in matched
+        ]
+    means = dict(zip(summary["variant"], summary[f"{metric}:mean"], strict=True))
+    pairs = pairwise(frame, [v for v in variants if v in means], metric)
+    if pairs:
+        lines += ["", f"## Pairwise comparisons (`{metric}`)", "", *_pairwise_table(pairs)]
+        lines += ["", "### Notes", "", *_notes(pairs, means)]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _overview(
+    grid: AblationGrid, runs: Sequence[Run], frame: pd.DataFrame, elapsed_s: float | None, jobs: int
+) -> list[str]:
+    """The lines under the title: grid, runs finished, configs, fixed settings and time spent."""
+    lines = [
+        f"Grid file `{grid.source}`; {len(_variants(runs))} variants x {len(grid.seeds)} seeds {grid.seeds}; "
+        f"{len(frame)} of {len(runs)} runs finished."
+    ]
     if grid.configs:
         lines.append(
             f"Training configs: {', '.join(f'`{c}`' for c in grid.configs)} (on `configs/unet_skip.yaml`)."
@@ -192,19 +224,25 @@ def markdown(
         lines.append(
             "Fixed settings: " + ", ".join(f"`{k}={format_value(v)}`" for k, v in grid.args.items()) + "."
         )
-    if finished:
+    if len(frame):
         total_fit = frame["fit_time_s"].astype(float).sum()
         total_wall = frame["wall_time_s"].astype(float).sum()
         text = f"Sum over runs: fit {_duration(total_fit)}, fit + test {_duration(total_wall)}"
         if elapsed_s is not None:
             text += f"; this invocation took {_duration(elapsed_s)} wall clock with --jobs {jobs}"
         lines.append(text + ".")
-    lines += ["", f"## Results (`{metric}`, mean ± std over seeds)", ""]
-    if summary.empty:
-        return "\n".join([*lines, "No run has finished yet."]) + "\n"
+    return lines
+
+
+def _results_table(
+    summary: pd.DataFrame, metric: str, classes: Sequence[str], baseline_of: dict[str, str | None]
+) -> list[str]:
+    """One row per variant: runs, parameters, metric, change vs baseline, IoU, per class, epochs, time."""
+    iou = metric.replace("dice", "iou") if "dice" in metric else None
+    with_iou = bool(iou) and f"{iou}:mean" in summary
     header = ["variant", "runs", "params", "skip params", metric, "Δ vs baseline"]
-    header += ([iou] if iou and f"{iou}:mean" in summary else []) + classes + ["best epoch", "fit time (s)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header += ([iou] if with_iou else []) + list(classes) + ["best epoch", "fit time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     means = dict(zip(summary["variant"], summary[f"{metric}:mean"], strict=True))
     for _, row in summary.iterrows():
         base = baseline_of.get(row["variant"])
@@ -220,92 +258,75 @@ def markdown(
             _pm(row[f"{metric}:mean"], row[f"{metric}:std"]),
             delta,
         ]
-        if iou and f"{iou}:mean" in summary:
+        if with_iou:
             cells.append(_pm(row[f"{iou}:mean"], row[f"{iou}:std"]))
         cells += [_pm(row[f"{metric}/{c}:mean"], row[f"{metric}/{c}:std"], 3) for c in classes]
         cells += [f"{row['best_epoch:mean']:.1f}", f"{row['fit_time_s:mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    matched = [r for r in runs if r.matched and r.seed == grid.seeds[0]]
-    if matched:
-        lines += ["", "Parameter-matched variants (widths scaled to the baseline's parameter count):", ""]
-        for r in matched:
-            lines.append(
-                f"- `{r.variant}`: `{r.width['argument']}={r.width['widths']}` "
-                f"(x{r.width['multiplier']}), {r.params['total']:,} parameters vs baseline `{r.baseline}`"
-            )
-    pairs = pairwise(frame, [v for v in variants if v in means], metric)
-    if pairs:
-        lines += ["", f"## Pairwise comparisons (`{metric}`)", ""]
+    return lines
+
+
+def _pairwise_table(pairs: Sequence[dict[str, Any]]) -> list[str]:
+    """What the comparisons mean, then one row per pair of variants."""
+    lines = [
+        "Difference A − B over the seeds both have (same seed = same data order and init seed), its 95% "
+        "confidence interval, the paired t-test p-value, the seeds a paired test would need to find the "
+        f"observed difference significant with {POWER:.0%} power (if it were the true one), and whether "
+        "the mean ± std intervals overlap.",
+        "",
+        "| A | B | seeds | A − B (mean ± std) | 95% CI of A − B | paired t-test p | seeds for "
+        f"{POWER:.0%} power | mean ± std overlap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        pval = "–" if math.isnan(p["p"]) else f"{p['p']:.3g}"
+        need = p["seeds_for_power"]
+        need_text = "–" if math.isnan(need) else "∞" if math.isinf(need) else f"{need:,.0f}"
         lines.append(
-            "Difference A − B over the seeds both have (same seed = same data order and init seed), its 95% "
-            "confidence interval, the paired t-test p-value, the seeds a paired test would need to find the "
-            f"observed difference significant with {POWER:.0%} power (if it were the true one), and whether "
-            "the mean ± std intervals overlap."
+            f"| `{p['a']}` | `{p['b']}` | {p['seeds']} | {_pm(p['diff_mean'], p['diff_std'])} | {_ci(p)} | "
+            f"{pval} | {need_text} | {'yes' if p['overlap'] else 'no'} |"
         )
-        lines += [
-            "",
-            "| A | B | seeds | A − B (mean ± std) | 95% CI of A − B | paired t-test p | seeds for "
-            f"{POWER:.0%} power | mean ± std overlap |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for p in pairs:
-            pval = "–" if math.isnan(p["p"]) else f"{p['p']:.3g}"
-            ci = _ci(p)
-            need = p["seeds_for_power"]
-            need_text = "–" if math.isnan(need) else "∞" if math.isinf(need) else f"{need:,.0f}"
-            lines.append(
-                f"| `{p['a']}` | `{p['b']}` | {p['seeds']} | {_pm(p['diff_mean'], p['diff_std'])} | {ci} | "
-                f"{pval} | {need_text} | {'yes' if p['overlap'] else 'no'} |"
+    return lines
+
+
+def _notes(pairs: Sequence[dict[str, Any]], means: dict[str, float]) -> list[str]:
+    """Ordering by mean, overlapping pairs, the count of significant pairs and why the others are not."""
+    ordered = sorted(means, key=lambda v: -means[v])
+    lines = ["Ordering by mean: " + " > ".join(f"`{v}`" for v in ordered) + "."]
+    overlapping = [p for p in pairs if p["overlap"]]
+    significant = [p for p in pairs if not math.isnan(p["p"]) and p["p"] < SIGNIFICANCE]
+    lines += [
+        f"- `{p['a']}` and `{p['b']}`: the mean ± std intervals overlap; the difference "
+        f"({p['diff_mean']:+.4f}) is within the seed spread."
+        for p in overlapping
+    ]
+    text = f"- Pairs with p < {SIGNIFICANCE} (paired t-test): {len(significant)} of {len(pairs)}"
+    if len(pairs) > 1:
+        bonferroni = SIGNIFICANCE / len(pairs)
+        strict = [p for p in significant if p["p"] < bonferroni]
+        text += f"; with p < {bonferroni:.2g} (Bonferroni, {len(pairs)} comparisons): {len(strict)}"
+    lines.append(f"{text}; overlapping mean ± std intervals: {len(overlapping)}.")
+    for p in pairs:
+        if p in significant or math.isnan(p["ci95"]):
+            continue
+        need = p["seeds_for_power"]
+        if math.isinf(need):
+            tail = "the observed difference is 0, which no number of seeds makes significant."
+        else:
+            tail = (
+                f"finding the observed {p['diff_mean']:+.4f} significant would take about "
+                f"{need:,.0f} seeds ({POWER:.0%} power)."
             )
-        lines += ["", "### Notes", ""]
-        ordered = sorted(means, key=lambda v: -means[v])
-        lines.append("Ordering by mean: " + " > ".join(f"`{v}`" for v in ordered) + ".")
-        overlapping = [p for p in pairs if p["overlap"]]
-        significant = [p for p in pairs if not math.isnan(p["p"]) and p["p"] < SIGNIFICANCE]
-        for p in overlapping:
-            lines.append(
-                f"- `{p['a']}` and `{p['b']}`: the mean ± std intervals overlap; the difference "
-                f"({p['diff_mean']:+.4f}) is within the seed spread."
-            )
-        text = f"- Pairs with p < {SIGNIFICANCE} (paired t-test): {len(significant)} of {len(pairs)}"
-        if len(pairs) > 1:
-            bonferroni = SIGNIFICANCE / len(pairs)
-            strict = [p for p in significant if p["p"] < bonferroni]
-            text += f"; with p < {bonferroni:.2g} (Bonferroni, {len(pairs)} comparisons): {len(strict)}"
-        lines.append(f"{text}; overlapping mean ± std intervals: {len(overlapping)}.")
-        for p in pairs:
-            if p in significant or math.isnan(p["ci95"]):
-                continue
-            need = p["seeds_for_power"]
-            if math.isinf(need):
-                tail = "the observed difference is 0, which no number of seeds makes significant."
-            else:
-                tail = (
-                    f"finding the observed {p['diff_mean']:+.4f} significant would take about "
-                    f"{need:,.0f} seeds ({POWER:.0%} power)."
-                )
-            lines.append(
-                f"- `{p['a']}` vs `{p['b']}` is not significant: the 95% confidence interval of the "
-                f"difference is {_ci(p)}; {tail}"
-            )
-    if figures:
-        lines += ["", "## Figures", ""]
-        lines += [f"![{Path(f).stem}]({f})" for f in figures]
-    return "\n".join(lines) + "\n"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        lines.append(
+            f"- `{p['a']}` vs `{p['b']}` is not significant: the 95% confidence interval of the "
+            f"difference is {_ci(p)}; {tail}"
+        )
+    return lines
 
 
 def plot_metric(frame: pd.DataFrame, variants: Sequence[str], metric: str, path: Path) -> Path:
     """Metric per variant: one dot per seed, mean +- std bar; one panel for the mean and one per class."""
-    plt = _plt()
+    plt = pyplot()
     panels = [metric] + [f"{metric}/{c}" for c in _class_names(frame, metric)]
     variants = [v for v in variants if (frame["variant"] == v).any()]
     fig, axes = plt.subplots(
@@ -328,16 +349,14 @@ def plot_metric(frame: pd.DataFrame, variants: Sequence[str], metric: str, path:
         ax.set_xticklabels(variants, rotation=60, ha="right", fontsize=7)
         ax.set_title(col, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_val_curves(markers: dict[str, dict], runs: Sequence[Run], path: Path, key: str = "val/dice") -> Path:
     """Validation ``key`` per epoch for each variant: mean over seeds (line) and min-max over seeds (band)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), constrained_layout=True)
-    variants = list(dict.fromkeys(r.variant for r in runs))
+    variants = _variants(runs)
     for i, variant in enumerate(variants):
         curves = [
             {int(row["epoch"]): row[key] for row in markers[r.id]["val_curve"] if key in row}
@@ -355,39 +374,41 @@ def plot_val_curves(markers: dict[str, dict], runs: Sequence[Run], path: Path, k
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(
     grid: AblationGrid, runs: Sequence[Run], out_dir: Path, elapsed_s: float | None = None, jobs: int = 1
 ) -> dict[str, Path]:
     """Write ``results.csv``, ``results.md`` and the figures into ``out_dir``; return their paths."""
-    from unetseg.analysis.gradflow import plot_gradflow, plot_gradflow_profile
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame, markers = collect(grid, runs, out_dir)
     paths: dict[str, Path] = {"csv": out_dir / "results.csv", "md": out_dir / "results.md"}
     frame.to_csv(paths["csv"], index=False)
-    variants = list(dict.fromkeys(r.variant for r in runs))
+    variants = _variants(runs)
     figures: list[str] = []
     if not frame.empty:
         paths["metric_png"] = plot_metric(frame, variants, grid.metric, out_dir / "metric_by_variant.png")
         paths["curves_png"] = plot_val_curves(markers, runs, out_dir / "val_curves.png")
         figures += [paths["metric_png"].name, paths["curves_png"].name]
-        flows = []
-        for variant in variants:
-            first = next((r for r in runs if r.variant == variant and r.id in markers), None)
-            if first is None:
-                continue
-            records = Path(markers[first.id]["log_dir"]) / "gradflow.json"
-            if records.is_file():
-                flows.append((f"{variant} (seed {first.seed})", json.loads(records.read_text())))
+        flows = _gradflow_records(runs, markers)
         if flows:
             paths["gradflow_png"] = plot_gradflow(flows, out_dir / "gradflow.png")
             paths["gradflow_profile_png"] = plot_gradflow_profile(flows, out_dir / "gradflow_profile.png")
             figures += [paths["gradflow_png"].name, paths["gradflow_profile_png"].name]
     paths["md"].write_text(markdown(grid, runs, frame, elapsed_s, jobs, figures))
     return paths
+
+
+def _gradflow_records(runs: Sequence[Run], markers: dict[str, dict]) -> list[tuple[str, list[dict]]]:
+    """``(label, gradient-flow records)`` of the first finished seed of each variant that recorded them."""
+    flows = []
+    for variant in _variants(runs):
+        first = next((r for r in runs if r.variant == variant and r.id in markers), None)
+        if first is None:
+            continue
+        records = Path(markers[first.id]["log_dir"]) / "gradflow.json"
+        if records.is_file():
+            flows.append((f"{variant} (seed {first.seed})", json.loads(records.read_text())))
+    return flows
