@@ -58,17 +58,26 @@ class PlainLoop:
     """A hand-written training loop over ``batches``, one step per call (optionally with the metrics)."""
 
     def __init__(
-        self, module: Any, batches: list[dict[str, torch.Tensor]], precision: str, metrics: bool, total: int
+        self,
+        module: Any,
+        batches: list[dict[str, torch.Tensor]],
+        precision: str,
+        metrics: bool,
+        total: int,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         from unetseg.losses import SegmentationLoss
         from unetseg.metrics import segmentation_metrics
         from unetseg.training.module import LR_SCHEDULES
 
-        self.net: nn.Module = copy.deepcopy(module.net)
+        # the same layout as the trainer's net, which the Performance callback converts in setup (the copy is
+        # taken before that): otherwise only one side would run channels-last
+        self.net: nn.Module = copy.deepcopy(module.net).to(memory_format=memory_format)
         self.net.train()
+        self.memory_format = memory_format
         self.loss_fn = SegmentationLoss(module.loss_fn.name)
         self.optimizer = module.optimizer(self.net.parameters())
-        factor = LR_SCHEDULES[module.lr_schedule]
+        factor = LR_SCHEDULES[module.scheduler]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: factor(min(step / total, 1.0))
         )
@@ -81,7 +90,7 @@ class PlainLoop:
         """One training step on the next batch (and the epoch-end metric compute after the last batch)."""
         start = time.perf_counter()
         batch = self.batches[self.index % len(self.batches)]
-        image, label = batch["image"], batch["label"]
+        image, label = batch["image"].contiguous(memory_format=self.memory_format), batch["label"]
         with autocast("cpu", self.precision):
             logits = self.net(image)
             loss = self.loss_fn(logits, label)
@@ -212,6 +221,7 @@ def run(
     workdir: Path,
 ) -> dict[str, Any]:
     """Build the trainer through the CLI, fit ``epochs + 1`` epochs (the first is warm-up), return figures."""
+    from unetseg.training.callbacks import Performance
     from unetseg.training.cli import _close, build_cli
 
     args = [
@@ -230,9 +240,12 @@ def run(
     trainer, module = cli.trainer, cli.model
     batches = make_batches(cli.datamodule, steps)
     total = steps * (epochs + 1)
+    layouts = [c.layout(module.net) for c in trainer.callbacks if isinstance(c, Performance)]
+    layout = layouts[0] if layouts else torch.contiguous_format
+    same = {"precision": precision, "total": total, "memory_format": layout}
     loops = {
-        "plain": PlainLoop(module, batches, precision, metrics=False, total=total),
-        "plain_metrics": PlainLoop(module, batches, precision, metrics=True, total=total),
+        "plain": PlainLoop(module, batches, metrics=False, **same),
+        "plain_metrics": PlainLoop(module, batches, metrics=True, **same),
     }
     timer = Interleave(loops)
     trainer.callbacks.insert(0, timer)
@@ -269,6 +282,7 @@ def run(
             "steps_per_epoch": steps,
             "timed_epochs": epochs,
             "precision": precision,
+            "memory_format (both sides)": str(layout),
             "callbacks": [type(c).__name__ for c in trainer.callbacks if c is not timer],
             "loggers": [type(lg).__name__ for lg in trainer.loggers],
             "log_every_n_steps": trainer.log_every_n_steps,

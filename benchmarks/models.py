@@ -109,9 +109,9 @@ def skip_table(channels: Sequence[int]) -> dict[str, tuple[str, Callable[[], nn.
         for skip in ("concat", "add", "none"):
             name = f"{skip}{'_residual' if residual else ''}"
             table[name] = (
-                f"UNet(channels={c}, long_skip='{skip}', residual={residual})",
+                f"UNet(channels={c}, long_skip='{skip}', block='{'residual' if residual else 'plain'}')",
                 lambda skip=skip, residual=residual: UNet(
-                    2, 1, NUM_CLASSES, channels=c, long_skip=skip, residual=residual
+                    2, 1, NUM_CLASSES, channels=c, long_skip=skip, block="residual" if residual else "plain"
                 ),
             )
     return table

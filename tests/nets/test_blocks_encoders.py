@@ -74,16 +74,16 @@ def test_unet_with_dense_blocks_shape_and_backward(long_skip, spatial_dims, size
     assert counts["encoder"] + counts["decoder"] + counts["skips"] + counts["head"] == counts["total"]
 
 
-def test_block_argument_and_residual_flag():
+def test_block_argument_is_the_one_short_skip_key():
     assert BLOCKS["dense"] is DenseDoubleConv
-    legacy, named = UNet(channels=TINY, residual=True), UNet(channels=TINY, block="residual")
-    assert legacy.block == named.block == "residual"
-    assert n_params(legacy) == n_params(named)
-    assert sum(isinstance(m, ResidualDoubleConv) for m in legacy.modules()) == 5
+    named = UNet(channels=TINY, block="residual")
+    assert named.block == "residual" and named.init_args["block"] == "residual"
+    assert sum(isinstance(m, ResidualDoubleConv) for m in named.modules()) == 5
     assert UNet(channels=TINY).block == "plain"
     assert sum(isinstance(m, DoubleConv) for m in UNet(channels=TINY, block="plain").modules()) == 5
-    with pytest.raises(ValueError, match=r"residual=True contradicts block='dense'"):
-        UNet(channels=TINY, residual=True, block="dense")
+    assert "residual" not in UNet(channels=TINY).init_args  # the older flag is gone
+    with pytest.raises(TypeError, match=r"residual"):
+        UNet(channels=TINY, residual=True)
     with pytest.raises(ValueError, match=r"block='denze' is not one of \['dense', 'plain', 'residual'\]"):
         UNet(channels=TINY, block="denze")
 

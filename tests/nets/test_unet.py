@@ -50,20 +50,20 @@ def convs(module: nn.Module) -> list[nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Shapes, backward and gradient flow over skip mode x residual x 2D/3D x odd sizes.
+# Shapes, backward and gradient flow over skip mode x block (plain | residual) x 2D/3D x odd sizes.
 
 
 @pytest.mark.parametrize("long_skip", ["concat", "add", "none"])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("block", ["plain", "residual"])
 @pytest.mark.parametrize(
     ("spatial_dims", "size"),
     [(2, (37, 45)), (2, (64, 64)), (3, (9, 17, 12))],
     ids=["2d-odd", "2d-64", "3d-odd"],
 )
-def test_shape_backward_and_gradient_reach_first_conv(long_skip, residual, spatial_dims, size):
+def test_shape_backward_and_gradient_reach_first_conv(long_skip, block, spatial_dims, size):
     torch.manual_seed(0)
     model = UNet(
-        spatial_dims, in_channels=2, out_channels=3, channels=TINY, long_skip=long_skip, residual=residual
+        spatial_dims, in_channels=2, out_channels=3, channels=TINY, long_skip=long_skip, block=block
     )
     x = torch.randn(2, 2, *size)
     out = model(x)
@@ -174,10 +174,10 @@ def counts(**kwargs) -> dict[str, int]:
         return UNet(**kwargs).parameter_counts()
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_parameter_relations_default_channels(residual):
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_parameter_relations_default_channels(block):
     channels = (32, 64, 128, 256, 512)
-    cat, add, none = (counts(long_skip=m, residual=residual) for m in ("concat", "add", "none"))
+    cat, add, none = (counts(long_skip=m, block=block) for m in ("concat", "add", "none"))
     for c in (cat, add, none):
         assert c["encoder"] + c["decoder"] + c["skips"] + c["head"] == c["total"]
     assert cat["total"] > add["total"] == none["total"]
@@ -185,7 +185,7 @@ def test_parameter_relations_default_channels(residual):
     # Concat doubles the input of each decoder level's first 3x3 conv (C -> 2C inputs, no bias under batch
     # norm): 9*C*C extra weights per level. A residual block additionally needs a 1x1 projection 2C -> C
     # (2*C*C weights) and its BatchNorm (2*C) where the add/none block has an identity shortcut.
-    extra = sum(9 * c * c + (2 * c * c + 2 * c if residual else 0) for c in channels[:-1])
+    extra = sum(9 * c * c + (2 * c * c + 2 * c if block == "residual" else 0) for c in channels[:-1])
     assert cat["skips"] == extra
     assert cat["total"] - add["total"] == extra
     assert (
@@ -248,7 +248,8 @@ def test_blocks_registry():
     assert {"plain": DoubleConv, "residual": ResidualDoubleConv}.items() <= BLOCKS.items()
     assert "dense" in BLOCKS
     assert not any(isinstance(m, ResidualDoubleConv) for m in UNet(channels=TINY).modules())
-    assert sum(isinstance(m, ResidualDoubleConv) for m in UNet(channels=TINY, residual=True).modules()) == 5
+    residual = UNet(channels=TINY, block="residual")
+    assert sum(isinstance(m, ResidualDoubleConv) for m in residual.modules()) == 5
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -262,8 +263,8 @@ def test_residual_shortcut_identity_or_projection(spatial_dims):
     assert (conv.in_channels, conv.out_channels) == (4, 8) and conv.bias is None
     assert isinstance(norm, nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)
     # In a residual UNet with "add", decoder blocks keep their width (identity); with concat they project.
-    add = UNet(channels=TINY, residual=True, long_skip="add")
-    cat = UNet(channels=TINY, residual=True, long_skip="concat")
+    add = UNet(channels=TINY, block="residual", long_skip="add")
+    cat = UNet(channels=TINY, block="residual", long_skip="concat")
     assert all(isinstance(s.block.shortcut, nn.Identity) for s in add.decoder.stages)
     assert all(not isinstance(s.block.shortcut, nn.Identity) for s in cat.decoder.stages)
 
@@ -324,7 +325,7 @@ def test_interp_upsample_3d_is_trilinear_resize_then_conv():
 
 
 def test_dropout_is_channel_dropout_in_every_block_and_only_in_training():
-    model = UNet(spatial_dims=3, channels=TINY, dropout=0.5, residual=True)
+    model = UNet(spatial_dims=3, channels=TINY, dropout=0.5, block="residual")
     assert sum(isinstance(m, nn.Dropout3d) for m in model.modules()) == 5  # 3 encoder + 2 decoder blocks
     assert not any(isinstance(m, nn.Dropout3d) for m in UNet(spatial_dims=3, channels=TINY).modules())
     x = torch.randn(2, 1, 8, 8, 8)
@@ -380,7 +381,7 @@ def test_encoder_and_decoder_validate_too():
 
 def test_scripted_and_exported_models_match_eager():
     torch.manual_seed(0)
-    model = UNet(channels=TINY, long_skip=("none", "concat"), residual=True).eval()
+    model = UNet(channels=TINY, long_skip=("none", "concat"), block="residual").eval()
     x = torch.randn(1, 1, 13, 21)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still works

@@ -1,16 +1,23 @@
-"""The training CLI, called as a function: every config runs, W&B gets the metrics, bad input exits 2."""
+"""The training CLI, called as a function: every config runs, W&B gets the metrics, bad input exits 2; configs
+compose on the base exactly once, --help is short and true, a time budget ends the fit."""
 
 from __future__ import annotations
 
 import csv
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests import _wandb
-from unetseg.training.cli import REPO_CONFIGS, main, resolve_config
+from unetseg.training.cli import REPO_CONFIGS, build_cli, main, resolve_config
+
+REPO = Path(__file__).resolve().parents[2]
+LIGHTNING_ARGS_WARNING = "args parameter is intended to run from within Python"
 
 CONFIGS = sorted(p.relative_to(REPO_CONFIGS).as_posix() for p in REPO_CONFIGS.rglob("*.yaml")
                  if p.parent.name not in ("datasets", "sweeps", "ablation"))  # data.root / a sweep / a grid
@@ -108,6 +115,8 @@ def test_one_epoch_run_logs_dice_and_iou_to_offline_wandb_and_csv(tmp_path, run_
         (["--model.net.init_args.colour", "red"], r"colour"),
         (["--trainer.max_epocs", "3"], r"max_epocs"),
         (["--config", "no_such_config"], r"config 'no_such_config' not found.*available: \[.*unet_add.yaml"),
+        (["--config", "long_skips"], r"'long_skips' is ambiguous.*'ablation/long_skips.yaml', 'sweeps/long_"),
+        (["--model.scheduler", "linear"], r"scheduler='linear' is not one of \['constant', 'cosine', 'poly"),
     ],
 )
 def test_bad_configs_exit_2_naming_the_key_or_value(args, message, run_args, capsys):
@@ -120,3 +129,93 @@ def test_bad_configs_exit_2_naming_the_key_or_value(args, message, run_args, cap
 def test_resolve_config_accepts_names_with_and_without_suffix():
     assert resolve_config("unet_add") == resolve_config("unet_add.yaml")
     assert Path(resolve_config("unet_add")).parent == REPO_CONFIGS
+
+
+@pytest.mark.parametrize(
+    ("configs", "applied", "long_skip"),
+    [
+        (["unet_skip.yaml"], ["unet_skip", "debug"], "concat"),
+        (["unet_add", "unet_skip"], ["unet_skip", "unet_add", "debug"], "add"),
+        (["unet_add", str(REPO_CONFIGS / "unet_skip.yaml")], ["unet_skip", "unet_add", "debug"], "add"),
+    ],
+)
+def test_the_base_config_comes_first_exactly_once_whatever_the_order(configs, applied, long_skip, run_args):
+    args = [a for name in [*configs, "debug"] for a in ("--config", name)]
+    cli = build_cli([*args, "--trainer.logger", "false", *run_args])
+    assert [Path(str(p)).stem for p in cli.config.config] == applied
+    assert set(cli.model.net.long_skip) == {long_skip}
+
+
+def test_a_bare_name_is_found_anywhere_in_the_configs_tree(capsys):
+    assert resolve_config("ddp") == str(REPO_CONFIGS / "cluster" / "ddp.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "ddp", "--print_config"])
+    assert exit_.value.code in (None, 0)
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"] == "ddp"
+
+
+def test_configs_in_the_working_folder_come_before_the_shipped_ones(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "unet_add.yaml").write_text("model: {net: {init_args: {long_skip: none}}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("unet_add") == str(tmp_path / "configs" / "unet_add.yaml")
+    assert resolve_config("unet_noskip") == str(REPO_CONFIGS / "unet_noskip.yaml")
+    cli = build_cli(["--config", "unet_add", "--config", "debug", "--trainer.logger", "false"])
+    assert [Path(str(p)).parent for p in cli.config.config][0] == REPO_CONFIGS  # the base: shipped
+    assert set(cli.model.net.long_skip) == {"none"}
+
+
+def test_no_lightning_args_warning_from_a_shell_or_from_python(recwarn, capsys):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+    shell = subprocess.run(
+        [sys.executable, "train.py", "--config", "debug", "--print_config"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert shell.returncode == 0, shell.stderr[-2000:]
+    assert LIGHTNING_ARGS_WARNING not in shell.stderr and "long_skip: concat" in shell.stdout
+    assert len(sys.argv) > 1  # what made Lightning warn when main() is given args
+    with pytest.raises(SystemExit):
+        main(["--config", "debug", "--print_config"])
+    assert not [w for w in recwarn if LIGHTNING_ARGS_WARNING in str(w.message)]
+    assert LIGHTNING_ARGS_WARNING not in capsys.readouterr().err
+
+
+def test_help_lists_the_keys_and_the_nets_not_every_torch_module(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    head, _, options = out.partition("options:")
+    assert "--model.net.help unetseg.UNet" in head  # said before the option list
+    keys = ("--model.net NET", "--model.scheduler", "--model.loss", "--data.batch_size", "--trainer.max_time",
+            "--logging.wandb", "--performance.memory_format", "--resume")
+    for key in keys:
+        assert key in options, key
+    net_help = options[options.index("--model.net NET"):options.index("--model.loss")]
+    assert "unetseg.UNet" in net_help and "unetseg.nets.EncoderUNet" in net_help
+    assert "torch.nn.Linear" not in out and "torch.nn.ReLU" not in out and out.count("\n") < 1000
+    assert "--ckpt_path" not in out and "--model.lr_schedule" not in out
+
+
+def test_net_help_lists_the_unet_keys(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model.net.help", "unetseg.UNet"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("long_skip", "block", "channels", "norm", "upsample", "dropout"):
+        assert f"--model.net.{key} " in out, key
+    assert "--model.net.residual" not in out
+
+
+def test_max_time_ends_the_fit_in_time_and_the_schedule_spans_it(run_args, capsys):
+    """max_epochs -1 (no step estimate): the fit stops on the 4 s budget, the cosine LR decays over it."""
+    result = main(
+        ["--config", "debug", "--trainer.max_time", "00:00:00:04", "--trainer.max_epochs", "-1",
+         "--trainer.enable_progress_bar", "false", *run_args]
+    )
+    assert result.trainer.state.finished and result.fit_seconds < 4 + 10  # a step and a validation may follow
+    assert result.steps == result.trainer.global_step > 0
+    schedule = result.trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.get_last_lr()[0] < 0.05 * schedule.base_lrs[0]  # cosine at t close to 1
+    assert Path(result.best_model_path).is_file() and 0 <= result.test_metrics["test/dice"] <= 1
+    assert re.search(rf"unetseg: trained {result.steps} steps in \d+\.\d s", capsys.readouterr().err)

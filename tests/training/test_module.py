@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from unetseg import SegmentationModule, UNet
 from unetseg.losses import LOSSES, SegmentationLoss
-from unetseg.metrics import segmentation_metrics, summarize
+from unetseg.metrics import segmentation_metrics, to_logged_scalars
 
 NAMES = ["background", "organ", "vessel"]
 
@@ -70,10 +70,10 @@ def test_metrics_are_global_dice_and_iou_with_nan_for_absent_classes():
     # global Dice and IoU are the same statistic: IoU = D / (2 - D)
     finite = torch.isfinite(dice)
     torch.testing.assert_close(iou[finite].float(), (dice / (2 - dice))[finite].float())
-    summary = summarize({"val/dice": dice, "val/iou": iou}, ["bg", "a", "b", "c"])
+    summary = to_logged_scalars({"val/dice": dice, "val/iou": iou}, ["bg", "a", "b", "c"])
     assert summary["val/dice"].item() == pytest.approx((dice[1].item() + 0) / 2)  # NaN class left out
     assert set(summary) == {"val/dice", "val/iou", *(f"val/{m}/{c}" for m in ("dice", "iou") for c in "abc")}
-    with_bg = summarize({"val/dice": dice}, ["bg", "a", "b", "c"], include_background=True)
+    with_bg = to_logged_scalars({"val/dice": dice}, ["bg", "a", "b", "c"], include_background=True)
     assert "val/dice/bg" in with_bg and with_bg["val/dice"] > summary["val/dice"]
 
 
@@ -136,7 +136,7 @@ def test_scheduler_is_configured_from_a_callable():
     ("name", "middle", "end"), [("cosine", 0.5, 0.0), ("poly", 0.5**0.9, 0.0), ("constant", 1, 1)]
 )
 def test_named_lr_schedule_spans_the_whole_fit(name, middle, end):
-    module = _module(lr_schedule=name, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    module = _module(scheduler=name, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     trainer = L.Trainer(max_steps=10, logger=False)
     module.trainer = trainer
     config = module.configure_optimizers()
@@ -151,6 +151,6 @@ def test_named_lr_schedule_spans_the_whole_fit(name, middle, end):
         lrs[0] == 1.0 and lrs[5] == pytest.approx(middle) and schedule.get_last_lr()[0] == pytest.approx(end)
     )
     with pytest.raises(
-        ValueError, match=r"lr_schedule='linear' is not one of \['constant', 'cosine', 'poly'\]"
+        ValueError, match=r"scheduler='linear' is not one of \['constant', 'cosine', 'poly'\]"
     ):
-        _module(lr_schedule="linear")
+        _module(scheduler="linear")

@@ -27,7 +27,6 @@ from unetseg.nets.unet import (
     constructor_args,
     crop_to,
     pad_to_multiple,
-    resolve_block,
 )
 
 SMP_INSTALL_HINT = (
@@ -103,7 +102,7 @@ class EncoderUNet(nn.Module):
         decoder_channels: decoder widths, **shallowest first**, one per level 0 (full resolution) to
             ``encoder_depth - 1``; ``None`` gives ``(16, 32, 64, 128, 256)`` cut to ``encoder_depth``.
         long_skip: one mode for all ``encoder_depth - 1`` skips or one per skip, shallowest (stride 2) first.
-        block, residual, norm, upsample, dropout: as for :class:`~unetseg.nets.UNet` (decoder blocks only).
+        block, norm, upsample, dropout: as for :class:`~unetseg.nets.UNet` (decoder blocks only).
 
     Example (with the ``[smp]`` extra)::
 
@@ -124,8 +123,7 @@ class EncoderUNet(nn.Module):
         encoder_depth: int = 5,
         decoder_channels: Sequence[int] | None = None,
         long_skip: str | Sequence[str] = "concat",
-        block: str | None = None,
-        residual: bool = False,
+        block: str = "plain",
         norm: str | None = "batch",
         upsample: str = "transpose",
         dropout: float = 0.0,
@@ -137,7 +135,6 @@ class EncoderUNet(nn.Module):
         _check_positive_int("out_channels", out_channels)
         check_choice("encoder_depth", encoder_depth, [2, 3, 4, 5])
         check_choice("upsample", upsample, sorted(UPSAMPLES))
-        block = resolve_block(block, residual)
         if decoder_channels is None:
             decoder_channels = default_decoder_channels(encoder_depth)
         if not isinstance(decoder_channels, (list, tuple)) or len(decoder_channels) != encoder_depth:

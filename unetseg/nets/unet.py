@@ -56,16 +56,6 @@ def constructor_args(init: Callable[..., None], values: dict[str, Any]) -> dict[
     return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in names}
 
 
-def resolve_block(block: str | None, residual: bool = False) -> str:
-    """The block name from ``block`` and the older ``residual`` flag; they must not contradict."""
-    if block is None:
-        return "residual" if residual else "plain"
-    check_choice("block", block, sorted(BLOCKS))
-    if residual and block != "residual":
-        raise ValueError(f"residual=True contradicts block={block!r}: give one of them (block='residual')")
-    return block
-
-
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
     """Zero-pad every spatial dim of ``x`` up to a multiple of ``multiple`` (``pad // 2`` before, the rest
     after); also return the start of the original data in each dim (for :func:`crop_to`)."""
@@ -225,11 +215,10 @@ class UNet(nn.Module):
             bottleneck (including the full-resolution one).
         long_skip: ``"concat"`` (Ronneberger), ``"add"`` or ``"none"``, or a list/tuple with one mode per
             skip, **shallowest first** (entry 0 is the full-resolution skip).
-        residual: shorthand for ``block="residual"`` (kept for existing configs).
-        block: the block of every level, a name in :data:`~unetseg.nets.blocks.BLOCKS`: ``"plain"``
-            (:class:`~unetseg.nets.blocks.DoubleConv`), ``"residual"`` (short additive skips,
+        block: the block of every level, i.e. the short skips, a name in :data:`~unetseg.nets.blocks.BLOCKS`:
+            ``"plain"`` (:class:`~unetseg.nets.blocks.DoubleConv`), ``"residual"`` (short additive skips,
             :class:`~unetseg.nets.blocks.ResidualDoubleConv`) or ``"dense"`` (short concatenating skips,
-            :class:`~unetseg.nets.blocks.DenseDoubleConv`); ``None`` follows ``residual``.
+            :class:`~unetseg.nets.blocks.DenseDoubleConv`).
         norm: ``"batch"``, ``"instance"`` (affine), ``"group"`` (the largest group count <= 8 that divides
             the channels) or ``None`` (convs then carry a bias).
         upsample: ``"transpose"`` (2x2 up-conv, stride 2) or ``"interp"`` ((bi/tri)linear 2x resize then
@@ -257,15 +246,13 @@ class UNet(nn.Module):
         out_channels: int = 2,
         channels: Sequence[int] = (32, 64, 128, 256, 512),
         long_skip: str | Sequence[str] = "concat",
-        residual: bool = False,
+        block: str = "plain",
         norm: str | None = "batch",
         upsample: str = "transpose",
         dropout: float = 0.0,
-        block: str | None = None,
     ) -> None:
         super().__init__()
         self.init_args = constructor_args(UNet.__init__, locals())
-        block = resolve_block(block, residual)
         channels = _check_common(spatial_dims, channels, block, norm, dropout)
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("out_channels", out_channels)

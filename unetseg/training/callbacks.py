@@ -132,6 +132,8 @@ def _unpadded(loader: Any, num_replicas: int, rank: int) -> Any:
     sampler = UnrepeatedDistributedSamplerWrapper(
         loader.sampler, num_replicas=num_replicas, rank=rank, shuffle=False
     )
+    # Private, as Lightning has no public way to rebuild a DataLoader (any subclass, all its arguments) with
+    # another sampler; its own data connector uses this for the same purpose.
     return _update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
 
 
@@ -175,11 +177,9 @@ class UnpaddedDistributedEval(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        if (
-            datamodule is None
-            or trainer.world_size < 2
-            or not trainer._accelerator_connector.use_distributed_sampler
-        ):
+        # Private, as the Trainer keeps its use_distributed_sampler argument only there (no public property).
+        use_distributed_sampler = trainer._accelerator_connector.use_distributed_sampler
+        if datamodule is None or trainer.world_size < 2 or not use_distributed_sampler:
             return
         for name in self.hooks:
             hook = getattr(datamodule, name, None)

@@ -63,7 +63,7 @@ class WandbLogger(_LightningWandbLogger):
         **kwargs: Any,
     ) -> None:
         self.id_file = id_file
-        self._id_recorded = False
+        self._started = False  # whether this logger has started (or attached to) its W&B run
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "") in OFFLINE_MODES or not wandb_has_credentials()
         if not offline:
@@ -87,18 +87,23 @@ class WandbLogger(_LightningWandbLogger):
             self._wandb_init["mode"] = "offline"
             self._wandb_init.pop("settings", None)
             run = super().experiment
-        self._record_id(run)
+        if not self._started:
+            self._started = True
+            self._record_id(run)
         return run
 
+    def finish(self) -> None:
+        """Finish this logger's W&B run if it has started one (it never starts one to finish it)."""
+        if self._started:
+            self.experiment.finish()
+
     def _record_id(self, run: Any) -> None:
-        """Write the run id to ``id_file`` (once) so that ``--resume`` continues this W&B run."""
+        """Write the run id to ``id_file`` so that ``--resume`` continues this W&B run."""
         run_id = getattr(run, "id", None)
-        if not self.id_file or not run_id or self._id_recorded:
-            return
-        path = Path(self.id_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{run_id}\n")
-        self._id_recorded = True
+        if self.id_file and run_id:
+            path = Path(self.id_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{run_id}\n")
 
 
 class _RunExperimentWriter(ExperimentWriter):

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics import MetricCollection
 
 from unetseg.data.preprocessing import preprocessing_config
-from unetseg.inference.inferer import Inferer, as_inferer
+from unetseg.inference.checkpoint import CheckpointModel
+from unetseg.inference.inferer import Inferer
 from unetseg.losses import SegmentationLoss
-from unetseg.metrics import segmentation_metrics, summarize
+from unetseg.metrics import segmentation_metrics, to_logged_scalars
 
 STAGES = ("train", "val", "test")
 
-# Learning-rate factor as a function of training progress t in [0, 1].
+# Learning-rate factor as a function of training progress t in [0, 1] (see fit_progress).
 LR_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda t: 1.0,
     "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
@@ -42,33 +42,35 @@ def net_config(net: nn.Module) -> dict[str, Any] | None:
     if isinstance(init_args, dict):
         cls = type(net)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
-    given = (_given_hyperparameters.get() or {}).get("net")  # set by LightningCLI while it instantiates
+    # Private, as no public accessor exists: the config LightningCLI is instantiating (with linked values);
+    # save_hyperparameters, its public reader, would store a net built in Python as an nn.Module and warn.
+    given = (_given_hyperparameters.get() or {}).get("net")
     if isinstance(given, dict) and "class_path" in given:
         return {"class_path": given["class_path"], "init_args": dict(given.get("init_args") or {})}
     return None
 
 
-def build_net(config: dict[str, Any], source: str = "config") -> nn.Module:
-    """The net described by ``net_config`` output; only classes of ``unetseg`` or of imported modules."""
-    class_path = str(config.get("class_path", ""))
-    module_name, _, name = class_path.rpartition(".")
-    if not module_name or not (module_name.split(".")[0] == "unetseg" or module_name in sys.modules):
-        raise ValueError(
-            f"{source}: net class {class_path!r} is neither in unetseg nor in an imported module "
-            "(import the module that defines it first)"
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{source}: cannot import the net class {class_path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{source}: {class_path!r} is not a torch.nn.Module class")
-    try:
-        return cls(**dict(config.get("init_args") or {}))
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{source}: cannot build {class_path} from {config.get('init_args')}: {err}"
-        ) from err
+def fit_progress(trainer: L.Trainer) -> Callable[[int], float]:
+    """Progress ``t`` in [0, 1] of ``trainer``'s fit after ``step`` optimizer steps: ``step`` over the
+    trainer's step estimate (``estimated_stepping_batches``, from ``max_epochs``/``max_steps``) or, when
+    ``max_time`` bounds the fit, the time spent over ``max_time``, whichever is further.
+
+    >>> progress = fit_progress(L.Trainer(max_steps=10, logger=False, enable_checkpointing=False))
+    >>> progress(0), progress(5), progress(20)
+    (0.0, 0.5, 1.0)
+    """
+    total = float(trainer.estimated_stepping_batches)  # inf when only max_time bounds the fit
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # added for max_time
+
+    def progress(step: int) -> float:
+        t = step / total if 0 < total < math.inf else 0.0
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is not None:
+            elapsed = timer.time_elapsed()
+            t = max(t, elapsed / max(elapsed + remaining, 1e-9))
+        return min(t, 1.0)
+
+    return progress
 
 
 class SegmentationModule(L.LightningModule):
@@ -89,10 +91,11 @@ class SegmentationModule(L.LightningModule):
         class_names: one name per output channel, index 0 the background; linked from the data in the CLI.
         include_background: whether the mean Dice/IoU includes class 0.
         optimizer: a callable ``params -> Optimizer`` (``class_path`` + ``init_args`` in YAML).
-        scheduler: optional callable ``optimizer -> LRScheduler``, stepped per epoch; replaces lr_schedule.
-        lr_schedule: per-step learning-rate factor over the whole fit when no ``scheduler`` is given:
-            ``"cosine"`` (to 0), ``"poly"`` ((1 - t)^0.9, nnU-Net's) or ``"constant"``. Its length is the
-            trainer's ``estimated_stepping_batches``, so it follows ``max_epochs``/``max_steps`` untouched.
+        scheduler: the learning-rate schedule. A name: a factor stepped per optimizer step over the whole fit,
+            ``"cosine"`` (to 0), ``"poly"`` ((1 - t)^0.9, nnU-Net's) or ``"constant"``; the progress ``t`` is
+            that of :func:`fit_progress` (steps of ``max_epochs``/``max_steps``, or the time of ``max_time``,
+            whichever is further). Or a callable ``optimizer -> LRScheduler`` (``class_path`` + ``init_args``
+            in YAML, e.g. ``torch.optim.lr_scheduler.StepLR``), stepped per epoch and given ``val/loss``.
         inference: how validation, test and predict turn whole images into logits (sliding window, flip TTA,
             see :class:`~unetseg.inference.Inferer`); ``None`` runs ``forward`` on the whole image. Training
             always runs ``forward`` on its patches.
@@ -110,13 +113,14 @@ class SegmentationModule(L.LightningModule):
         class_names: list[str] | None = None,
         include_background: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        lr_schedule: str = "cosine",
+        scheduler: str | LRSchedulerCallable = "cosine",
         inference: Inferer | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "inference"])
         self.hparams["net"] = net_config(net)
+        if isinstance(scheduler, str):
+            self.hparams["scheduler"] = scheduler
         self.hparams["inference"] = None if inference is None else inference.config()
         self.net = net
         self.inference = inference
@@ -134,11 +138,13 @@ class SegmentationModule(L.LightningModule):
             )
         self.class_names = list(class_names)
         self.include_background = include_background
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={lr_schedule!r} is not one of {sorted(LR_SCHEDULES)}")
+        if isinstance(scheduler, str) and scheduler not in LR_SCHEDULES:
+            raise ValueError(
+                f"scheduler={scheduler!r} is not one of {sorted(LR_SCHEDULES)} "
+                "(or give a class_path, e.g. torch.optim.lr_scheduler.StepLR)"
+            )
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.lr_schedule = lr_schedule
         base = segmentation_metrics(num_classes)
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
             setattr(self, f"{stage}_metrics", base.clone(prefix=f"{stage}/"))
@@ -192,7 +198,7 @@ class SegmentationModule(L.LightningModule):
         return getattr(self, f"{stage}_metrics")
 
     def _log_metrics(self, stage: str) -> None:
-        values = summarize(self._metrics(stage).compute(), self.class_names, self.include_background)
+        values = to_logged_scalars(self._metrics(stage).compute(), self.class_names, self.include_background)
         means = {key: values.pop(key) for key in (f"{stage}/dice", f"{stage}/iou")}
         self.log_dict(means, prog_bar=True)
         self.log_dict(values)
@@ -223,50 +229,26 @@ class SegmentationModule(L.LightningModule):
         """The module of a checkpoint, in eval mode, rebuilt from the file alone (no config, no data).
 
         Raises ``FileNotFoundError``/``ValueError`` naming the file when it is missing, unreadable, not a
-        ``SegmentationModule`` checkpoint or its weights do not fit the net it records.
+        ``SegmentationModule`` checkpoint or its weights do not fit the net it records. Reading and checking
+        the file is :meth:`unetseg.inference.CheckpointModel.load`'s (the net's weights are the module's only
+        state); this adds the loss, metrics and optimizer settings the checkpoint records.
         """
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # torch raises many types for non-checkpoint files
-            raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-        hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
-        config = hparams.get("net")
-        if not isinstance(config, dict) or "state_dict" not in checkpoint:
-            raise ValueError(
-                f"{path} is not a unetseg SegmentationModule checkpoint that records its net "
-                "(hyper_parameters['net'] with class_path/init_args is missing)"
-            )
+        loaded = CheckpointModel.load(checkpoint_path, map_location)
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "optimizer", "scheduler"}
-        kwargs = {k: v for k, v in hparams.items() if k in names}
-        kwargs["inference"] = as_inferer(kwargs.get("inference"))
-        init_args = dict(config.get("init_args") or {})
-        if init_args.get("encoder_weights"):  # pretrained weights come from the checkpoint, not a download
-            init_args["encoder_weights"] = None
-        module = cls(build_net({**config, "init_args": init_args}, f"checkpoint {path}"), **kwargs)
-        module.hparams["net"] = config
-        state = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}  # compiled
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {path}: the weights do not fit its net {config['class_path']}: {err}"
-            ) from err
-        module.on_load_checkpoint(checkpoint)
+        kwargs = {k: v for k, v in loaded.hparams.items() if k in names}
+        module = cls(loaded.net, **{**kwargs, "inference": loaded.inference})
+        module.hparams["net"] = loaded.hparams["net"]
+        module.preprocessing = dict(loaded.preprocessing)
         return module.eval()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
-            factor = LR_SCHEDULES[self.lr_schedule]
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: factor(min(step / total, 1.0))
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "monitor": "val/loss"},
-        }
+        if not isinstance(self.scheduler, str):
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler(optimizer), "monitor": "val/loss"},
+            }
+        factor = LR_SCHEDULES[self.scheduler]
+        progress = fit_progress(self._trainer) if self._trainer is not None else lambda step: 0.0
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(progress(step)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
