@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,13 @@ def run_reference(
     steps: int | None = None,
     seed: int = 0,
     threads: int | None = None,
+    net: Callable[[int], torch.nn.Module] | None = None,
+    loss: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Train for ``seconds`` (wall time) or ``steps`` steps, test, return Dice per class and timings."""
+    """Train for ``seconds`` (wall time) or ``steps`` steps, test, return Dice per class and timings.
+
+    ``net`` (a function of the class count) and ``loss`` replace BasicUNet and DiceCELoss, for experiments
+    that change one part of the loop (``benchmarks.loss_choice``)."""
     if seconds is None and steps is None:
         raise ValueError("give seconds or steps (or both: the first reached stops training)")
     start = time.perf_counter()
@@ -87,11 +93,14 @@ def run_reference(
     if not train or not cases["test"]:
         raise ValueError(f"{root}: the split needs training and test cases")
     index = [(v, z) for v, (x, _, _) in enumerate(train) for z in range(x.shape[2])]
-    model = BasicUNet(
-        spatial_dims=2, in_channels=1, out_channels=len(names), features=(16, 16, 32, 64, 128, 16)
-    )
+    if net is None:
+        model = BasicUNet(
+            spatial_dims=2, in_channels=1, out_channels=len(names), features=(16, 16, 32, 64, 128, 16)
+        )
+    else:
+        model = net(len(names))
     model = model.to(memory_format=torch.channels_last)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if loss is None else loss
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     model.train()

@@ -1,0 +1,151 @@
+"""The dataset plan: fingerprint of real MRI files, planning rules, the YAML overlay and its command line."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from tests._datafiles import make_msd
+from unetseg.data.formats import detect_layout, validate
+from unetseg.plan import Fingerprint, dataset_fingerprint, make_plan
+from unetseg.plan.__main__ import main as plan_main
+from unetseg.plan.overlay import plan_dataset
+
+real_mri = pytest.importorskip("benchmarks.real_mri")
+pytest.importorskip("nilearn")
+
+
+@pytest.fixture(scope="module")
+def mri(tmp_path_factory):
+    """A cut-out of the MNI152 template (real MRI): 6 slabs, background/csf/gm/wm/ventricles."""
+    return real_mri.build_cutout(tmp_path_factory.mktemp("mri") / "mri")
+
+
+def test_fingerprint_counts_classes_slices_and_intensities_of_the_files(mri):
+    spec = validate(detect_layout(mri))
+    fp = dataset_fingerprint(spec)
+    labels = [np.asarray(nib.load(c.label).dataobj).astype(int) for c in spec.cases_train]
+    counts = np.bincount(np.concatenate([lab.ravel() for lab in labels]), minlength=5)
+    assert fp.class_voxels == counts.tolist()
+    assert fp.class_cases == [sum(int((lab == k).any()) for lab in labels) for k in range(5)]
+    # slices along Z containing the ventricles (class 4), counted directly
+    assert fp.class_slices[2][4] == sum(int((lab[:, :, z] == 4).any()) for lab in labels for z in range(3))
+    assert fp.num_slices[2] == 3 * len(labels)
+    assert fp.median_shape == labels[0].shape and fp.median_spacing == (3.0, 3.0, 3.0)
+    images = [np.asarray(nib.load(c.images[0]).dataobj, dtype=np.float32) for c in spec.cases_train]
+    foreground = np.concatenate([im[lab > 0] for im, lab in zip(images, labels, strict=True)])
+    assert fp.intensity[0]["p99_5"] <= foreground.max() and fp.intensity[0]["p00_5"] >= foreground.min()
+    assert abs(fp.intensity[0]["median"] - np.median(foreground)) < 0.05 * foreground.std()
+    assert math.isclose(sum(fp.foreground_fraction()), 1.0)
+
+
+def _fp(shape, spacing, n=4, slices=None, names=("background", "a", "b"), channels=("MRI",), voxels=None):
+    """A synthetic fingerprint with ``n`` cases of one shape and spacing."""
+    k = len(names)
+    slices = slices or [[shape[a] * n] * k for a in range(len(shape))]
+    return Fingerprint(
+        list(names),
+        list(channels),
+        len(shape),
+        [tuple(shape)] * n,
+        [tuple(spacing)] * n,
+        intensity=[{"mean": 40.0, "std": 90.0, "p00_5": -900.0, "median": 35.0, "p99_5": 250.0}]
+        * len(channels),
+        class_voxels=voxels or [1000] * k,
+        class_cases=[n] * k,
+        class_slices=slices,
+        num_slices=[shape[a] * n for a in range(len(shape))],
+        bytes_per_case=4 * math.prod(shape),
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "gpu", "dims", "axis"),
+    [
+        ((256, 256, 40), (0.8, 0.8, 5.0), True, 2, 2),  # anisotropic: 2D across the coarse axis even on GPU
+        ((40, 256, 256), (5.0, 0.8, 0.8), False, 2, 0),
+        ((96, 96, 96), (1.0, 1.0, 1.0), True, 3, None),  # isotropic on GPU: 3D
+        ((96, 96, 96), (1.0, 1.0, 1.0), False, 2, 2),  # isotropic on CPU: 2D (steps per second)
+    ],
+)
+def test_plan_picks_dimensionality_and_slice_axis(shape, spacing, gpu, dims, axis):
+    plan = make_plan(_fp(shape, spacing), gpu=gpu)
+    assert plan.value("data.spatial_dims") == dims
+    if axis is None:
+        with pytest.raises(KeyError, match="data.slice_axis"):
+            plan.value("data.slice_axis")
+    else:
+        assert plan.value("data.slice_axis") == axis
+
+
+@pytest.mark.parametrize(
+    ("shape", "gpu"), [((75, 93, 6), False), ((320, 320, 30), True), ((48, 61, 9), False)]
+)
+def test_depth_gives_a_4_to_8_px_bottleneck_and_the_batch_fits_the_budget(shape, gpu):
+    from unetseg.plan.rules import PIXELS_PER_BATCH
+
+    plan = make_plan(_fp(shape, (1.0, 1.0, 4.0)), gpu=gpu)
+    channels = plan.value("model.net.init_args.channels")
+    patch = plan.value("data.patch_size") or shape[:2]
+    smallest = min(patch) / 2 ** (len(channels) - 1)
+    assert 4 <= smallest < 8 or len(channels) == 7
+    batch = plan.value("data.batch_size")
+    assert 2 <= batch and batch * math.prod(patch) <= 1.5 * PIXELS_PER_BATCH[gpu]
+    assert channels == sorted(channels) and channels[0] in (16, 32)
+
+
+def test_rare_class_raises_oversampling_and_ct_gets_a_window():
+    common = _fp((64, 64, 20), (1.0, 1.0, 1.0), slices=[[64 * 4] * 3, [64 * 4] * 3, [80, 80, 70]])
+    rare = _fp((64, 64, 20), (1.0, 1.0, 1.0), slices=[[64 * 4] * 3, [64 * 4] * 3, [80, 80, 9]])
+    assert make_plan(common).value("data.oversample") == 0.33
+    assert make_plan(rare).value("data.oversample") == 0.5
+    ct = make_plan(_fp((64, 64, 20), (1.0, 1.0, 1.0), channels=("CT",)))
+    assert ct.value("data.normalization") == {
+        "name": "ct",
+        "window": [-900.0, 250.0],
+        "mode": "zscore",
+        "mean": 40.0,
+        "std": 90.0,
+    }
+    assert make_plan(common).value("data.normalization") == "zscore"
+
+
+def test_spacings_that_differ_are_resampled_to_the_median():
+    fp = _fp((64, 64, 20), (1.0, 1.0, 1.0))
+    assert "data.target_spacing" not in [c.key for c in make_plan(fp).choices]
+    fp.spacings = [(1.0, 1.0, 1.0), (0.5, 0.5, 1.0), (0.8, 0.8, 1.0)]
+    fp.shapes = fp.shapes[:3]
+    assert make_plan(fp).value("data.target_spacing") == [0.8, 0.8, 1.0]
+
+
+def test_overlay_is_yaml_with_a_reason_for_every_value(mri, tmp_path):
+    path = plan_dataset(mri, tmp_path / "plan.yaml", split_file=str(mri / "splits.json"), gpu=False)
+    text = path.read_text()
+    overlay = yaml.safe_load(text)
+    assert overlay["data"]["spatial_dims"] == 2 and overlay["data"]["slice_axis"] == 2
+    fp = dataset_fingerprint(validate(detect_layout(mri)))
+    rare = min(fp.class_slice_fraction(2)[1:]) < 0.3  # the cut-out is centred on the ventricles
+    assert overlay["data"]["oversample"] == (0.5 if rare else 0.33)
+    values = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    leaves = [line for line in values if not line.rstrip().endswith(":")]
+    assert leaves and all("  # " in line for line in leaves), leaves
+
+
+def test_plan_command_writes_the_overlay_and_rejects_a_bad_folder(mri, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert plan_main(["--data.root", str(mri), "--output", str(out), "--gpu", "no"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(out.read_text())
+    assert plan_main(["--data.root", str(tmp_path / "missing"), "--output", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_plan_refuses_cases_without_labels(tmp_path):
+    root = make_msd(tmp_path / "msd", n_cases=2)
+    spec = validate(detect_layout(root))
+    (spec.cases_train[0].label).unlink()
+    with pytest.raises(Exception, match="label"):
+        dataset_fingerprint(validate(detect_layout(root)))
