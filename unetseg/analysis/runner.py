@@ -127,6 +127,11 @@ def _run_in_process(
         except RUN_ERRORS as err:
             log(f"run {run.id} failed: {type(err).__name__}: {err}")
             failed.append(run.id)
+        except SystemExit as err:  # the CLI's one-line exit (bad data, a diverged run): this run only
+            if err.code in (0, None):
+                raise
+            log(f"run {run.id} failed: exit status {err.code} (its message is above)")
+            failed.append(run.id)
     return ran, failed
 
 

@@ -14,6 +14,11 @@ channels_last``, ``--performance.compile true``, ``--trainer.devices N --trainer
 spans it), and ``--resume last|auto|RUN_FOLDER|CKPT`` to continue a run where it stopped (epoch, optimizer,
 scheduler, CSV log, W&B run). Lightning's SLURM requeue checkpoints (``hpc_ckpt_N.ckpt``) go into the run
 folder, which is the Trainer's ``default_root_dir``.
+
+Failures a user can cause end with one line on stderr and no traceback: exit status 2 for a bad config, key,
+value, dataset or checkpoint (checked before the run folder is made, or the run folder this call made is
+removed when nothing was saved in it), 143 for SIGTERM (``last.ckpt`` saved first, see
+``unetseg.training.checkpointing.SigtermCheckpoint``).
 """
 
 from __future__ import annotations
@@ -22,28 +27,39 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from argparse import Action
+from argparse import Action, ArgumentError
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from unetseg.data import SegmentationDataModule
 from unetseg.data.formats.validate import DatasetError
 from unetseg.training.callbacks import Performance, UnpaddedDistributedEval
-from unetseg.training.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resolve_resume
-from unetseg.training.loggers import RunLogging, SaveConfigToLoggers, WandbLogger
-from unetseg.training.module import SegmentationModule
+from unetseg.training.checkpointing import (
+    AtomicCheckpointIO,
+    ResumedTopK,
+    SigtermCheckpoint,
+    newest_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+)
+from unetseg.training.loggers import RunLogging, SaveConfigToLoggers, WandbLogger, remove_failed_run
+from unetseg.training.module import NonFiniteLossError, SegmentationModule
 
 
 def _shipped_configs() -> Path:
@@ -70,6 +86,17 @@ RUN_ENV = (
     "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
     "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
 )
+# Trainer keys checked before any run folder is made: the smallest valid value and what the key counts.
+TRAINER_MINIMUMS: dict[str, tuple[int, str]] = {
+    "max_epochs": (-1, "a number of epochs >= 0, or -1 for no limit"),
+    "min_epochs": (0, "a number of epochs >= 0"),
+    "max_steps": (-1, "a number of optimizer steps >= 0, or -1 for no limit"),
+    "min_steps": (0, "a number of optimizer steps >= 0"),
+    "accumulate_grad_batches": (1, "a number of batches >= 1"),
+    "check_val_every_n_epoch": (1, "a number of epochs >= 1"),
+}
+# Errors of a run caused by its input (data, a diverging configuration): one line, exit status 2.
+RUN_INPUT_ERRORS = (DatasetError, NonFiniteLossError)
 RESUME_HELP = (
     "Continue a run where it stopped (epoch, optimizer, scheduler, CSV log and W&B run): 'last' (the run of "
     "this config name with the newest checkpoint), 'auto' (the run folder named by --logging.version if it "
@@ -148,9 +175,54 @@ def _config_args(args: list[str]) -> tuple[list[str], str]:
         auto = names[-1] == AUTO_CONFIG and not any(d.joinpath(f"{AUTO_CONFIG}.yaml").is_file()
                                                     for d in config_dirs())
         path = plan_config(args) if auto else resolve_config(names[-1])
+        check_yaml(path)
         if base is None or Path(path).resolve() != Path(base).resolve():
             out += ["--config", path]
     return out, Path(names[-1] if names else BASE_CONFIG).stem
+
+
+def check_yaml(path: str | Path) -> None:
+    """Raise ``ValueError`` naming the file, line and column of a YAML syntax error in the config ``path``."""
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tab = " (indent with spaces, not tabs)" if "\\t" in (err.problem or "") else ""
+        raise ValueError(f"config {path}{where}: YAML syntax error: {err.problem or err}{tab}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path}: YAML syntax error: {err}") from err
+
+
+def _flat_keys(node: yaml.Node | None, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """The dotted keys of a composed YAML mapping (``model.net.init_args.long_skip``, parents first), each
+    with its line number."""
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
+        yield f"{prefix}{key.value}", key.start_mark.line + 1
+        yield from _flat_keys(value, f"{prefix}{key.value}.")
+
+
+def _where_set(message: str, args: list[str]) -> str:
+    """Where the key of a jsonargparse ``message`` was set: `` (given on the command line)``, `` (set in
+    FILE, line N)`` for the last ``--config`` file of ``args`` that sets it, or ``""`` when unknown."""
+    quoted = re.findall(r"""["']([A-Za-z_][\w.]*)["']""", message)
+    option = re.search(r"Option '(\w+)'", message)
+    if not quoted:
+        return ""
+
+    def sets(flat: str) -> bool:
+        under = flat == quoted[0] or flat.startswith(f"{quoted[0]}.")
+        return under and (option is None or option.group(1) in flat.split("."))
+
+    if any(sets(a[2:].split("=", 1)[0]) for a in args if a.startswith("--")):
+        return " (given on the command line)"
+    files = [value for flag, value in zip(args[:-1], args[1:], strict=True) if flag in CONFIG_FLAGS]
+    for path in reversed(files):
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            for flat, line in _flat_keys(yaml.compose(Path(path).read_text())):
+                if sets(flat):
+                    return f" (set in {path}, line {line})"
+    return ""
 
 
 def _with_atomic_checkpoints(plugins: object) -> list:
@@ -163,8 +235,9 @@ def _with_atomic_checkpoints(plugins: object) -> list:
     return plugins
 
 
-def _checkpoint_callbacks() -> list[ModelCheckpoint]:
-    """The best checkpoint by ``val/dice``, and ``last.ckpt`` after every validation (what --resume reads)."""
+def _checkpoint_callbacks() -> list[Callback]:
+    """The best checkpoint by ``val/dice``, ``last.ckpt`` after every validation (what --resume reads) and on
+    SIGTERM, and the clean-up of the best checkpoints on resume (``ResumedTopK``)."""
     best = ModelCheckpoint(
         monitor="val/dice",
         mode="max",
@@ -173,7 +246,8 @@ def _checkpoint_callbacks() -> list[ModelCheckpoint]:
     )
     # Not save_last=True on the monitored callback: since Lightning 2.6 that refreshes last.ckpt only when a
     # new best is saved.
-    return [best, ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)]
+    last = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
+    return [best, last, SigtermCheckpoint(filename="last"), ResumedTopK()]
 
 
 class HelpFormatter(DefaultHelpFormatter):
@@ -196,6 +270,9 @@ class UNetSegCLI(LightningCLI):
     """
 
     resume_checkpoint: Path | None = None
+    builtin_logging = False  # whether the run logs with ``RunLogging`` (the run folder is the CLI's)
+    run_dir: Path | None = None  # the run folder when this call creates it (removed if the run saves nothing)
+    new_parents: tuple[Path, ...] = ()  # folders above it that this call creates
 
     def __init__(self, *args: Any, run_name: str = "unetseg", **kwargs: Any) -> None:
         self.run_name = run_name
@@ -218,8 +295,10 @@ class UNetSegCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self.config_init.get("trainer") or {}
+        check_trainer(trainer_config)
         resume = self.config_init.get("resume")
-        if trainer_config.get("logger") is None:
+        self.builtin_logging = trainer_config.get("logger") is None
+        if self.builtin_logging:
             kwargs.update(self._run_folder(self.config_init["logging"], resume))
         elif resume:
             if resume in ("last", "auto"):
@@ -238,7 +317,11 @@ class UNetSegCLI(LightningCLI):
             run_logging.version = point.run_dir.name
             remove_stale_temporaries(point.run_dir / "checkpoints")
         self.resume_checkpoint = point.checkpoint if point is not None else None
+        save_dir = Path(os.path.abspath(run_logging.save_dir))
+        parents = (save_dir, save_dir / (run_logging.name or name), save_dir / "wandb")
+        self.new_parents = tuple(p for p in parents if not p.exists())
         loggers = run_logging.build(default_name=name, resume=self.resume_checkpoint is not None)
+        self.run_dir = None if Path(loggers[0].log_dir).exists() else Path(loggers[0].log_dir)
         # The run folder is the Trainer's root: Lightning's SLURM requeue checkpoints land in it, and a fresh
         # run never picks up another run's hpc_ckpt_N.ckpt from a shared folder.
         return {"logger": loggers, "default_root_dir": loggers[0].log_dir}
@@ -262,6 +345,14 @@ class RunResult:
     resumed_from: str | None = None
     steps: int = 0
     fit_seconds: float = 0.0
+
+
+def check_trainer(config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming a ``trainer`` key whose value is below its range (``TRAINER_MINIMUMS``)."""
+    for key, (smallest, valid) in TRAINER_MINIMUMS.items():
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < smallest:
+            raise ValueError(f"trainer.{key}={value} is out of range: give {valid}")
 
 
 def _metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -288,14 +379,23 @@ def build_cli(args: list[str]) -> UNetSegCLI:
             args=args,
             run_name=run_name,
             auto_configure_optimizers=False,
-            parser_kwargs={"description": DESCRIPTION, "usage": USAGE, "formatter_class": HelpFormatter},
+            parser_kwargs={"description": DESCRIPTION, "usage": USAGE, "formatter_class": HelpFormatter,
+                           "exit_on_error": False},
             save_config_callback=SaveConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [*_checkpoint_callbacks(), UnpaddedDistributedEval()]},
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"unetseg: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    except ArgumentError as err:
+        _exit_2(f"{err}{_where_set(str(err), args)}", err)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+        _exit_2(str(err), err)
+
+
+def _exit_2(message: str, cause: BaseException) -> NoReturn:
+    """Print ``message`` as one line ``unetseg: error: ...`` on stderr and exit with status 2."""
+    line = " ".join(message.split())  # jsonargparse's messages span lines
+    print(f"unetseg: error: {line}", file=sys.stderr)
+    raise SystemExit(2) from cause
 
 
 @contextlib.contextmanager
@@ -344,14 +444,46 @@ def _save_plan(cli: UNetSegCLI) -> None:
 
 def _main(args: list[str]) -> RunResult:
     cli = build_cli(args)
-    _save_plan(cli)
+    finished = False
     try:
-        return _fit_and_test(cli)
-    except DatasetError as err:  # found when the data is set up (voxel-level checks): no traceback
-        print(f"unetseg: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        _save_plan(cli)
+        result = _fit_and_test(cli)
+        finished = True
+        return result
+    except RUN_INPUT_ERRORS as err:  # bad data found at setup (voxel-level checks), a diverging run
+        _end_progress_bar(cli.trainer)
+        _exit_2(str(err), err)
+    except SIGTERMException as err:  # a scheduler's preemption or time limit: not a success
+        _end_progress_bar(cli.trainer)
+        print(_sigterm_line(cli), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from err
     finally:
         _close(cli.trainer)
+        if not finished and cli.run_dir is not None and cli.trainer.is_global_zero:
+            remove_failed_run(cli.run_dir, cli.new_parents, cli.trainer.loggers)
+
+
+def _end_progress_bar(trainer: L.Trainer) -> None:
+    """End the line of a progress bar that an exception left open, so that the next message starts a line."""
+    bar = trainer.progress_bar_callback
+    if bar is not None and bar.is_enabled:
+        print(file=sys.stderr)
+
+
+def _sigterm_line(cli: UNetSegCLI) -> str:
+    """The line printed when SIGTERM stopped the run: where, what was saved and how to continue."""
+    trainer = cli.trainer
+    where = f"unetseg: stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}"
+    saved = next((c.saved for c in trainer.callbacks if isinstance(c, SigtermCheckpoint) and c.saved), None)
+    kept = saved or newest_checkpoint(trainer.default_root_dir)
+    resume = "--resume last" if cli.builtin_logging else f"--resume {kept or 'CKPT'}"
+    if saved is not None:
+        return f"{where}; saved {saved}: to continue, run the same command with {resume}"
+    if kept is None:
+        return f"{where}, before any checkpoint was saved: nothing to resume, start the run again"
+    if trainer.state.fn == "test":
+        return f"{where}, while testing (the fit had finished): to test, run the same command with {resume}"
+    return f"{where} (no new checkpoint; {kept} is kept): to continue, run the same command with {resume}"
 
 
 def _fit_and_test(cli: UNetSegCLI) -> RunResult:

@@ -1,11 +1,15 @@
-"""Run logging: a CSV log always, Weights & Biases unless turned off, and the resolved config in both."""
+"""Run logging: a CSV log always, Weights & Biases unless turned off, and the resolved config in both; a run
+that fails before it has saved anything leaves no folder behind (:func:`remove_failed_run`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import netrc
 import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -64,6 +68,7 @@ class WandbLogger(_LightningWandbLogger):
     ) -> None:
         self.id_file = id_file
         self._started = False  # whether this logger has started (or attached to) its W&B run
+        self.local_dir: Path | None = None  # the run's local folder (save_dir/wandb/<offline-|>run-...)
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "") in OFFLINE_MODES or not wandb_has_credentials()
         if not offline:
@@ -99,6 +104,8 @@ class WandbLogger(_LightningWandbLogger):
 
     def _record_id(self, run: Any) -> None:
         """Write the run id to ``id_file`` so that ``--resume`` continues this W&B run."""
+        run_dir = getattr(run, "dir", None)
+        self.local_dir = Path(run_dir).parent if run_dir else None
         run_id = getattr(run, "id", None)
         if self.id_file and run_id:
             path = Path(self.id_file)
@@ -210,6 +217,36 @@ class RunLogging:
                 )
             )
         return loggers
+
+
+def has_results(run_dir: str | Path) -> bool:
+    """Whether a run folder holds a checkpoint (``*.ckpt``) or logged metrics (a row in ``metrics.csv``)."""
+    metrics = Path(run_dir, "metrics.csv")
+    if metrics.is_file():
+        with metrics.open() as f:
+            if next(f, None) is not None and next(f, None) is not None:  # a header and a row
+                return True
+    return any(Path(run_dir).rglob("*.ckpt"))
+
+
+def remove_failed_run(run_dir: str | Path, new_parents: Sequence[Path], loggers: Sequence[Logger]) -> bool:
+    """Delete the folder of a run that failed before saving a checkpoint or a metric (:func:`has_results`),
+    the local folders of its W&B runs and the folders of ``new_parents`` (made for this run) left empty.
+    Returns whether it deleted anything; a folder with results is kept.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or has_results(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for local in {lg.local_dir for lg in loggers if isinstance(lg, WandbLogger) and lg.local_dir}:
+        shutil.rmtree(local, ignore_errors=True)
+        for link in local.parent.iterdir() if local.parent.is_dir() else []:
+            if link.is_symlink() and not link.exists():  # latest-run, debug.log: now dangling
+                link.unlink()
+    for folder in sorted(new_parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+    return True
 
 
 class SaveConfigToLoggers(SaveConfigCallback):

@@ -32,6 +32,37 @@ LR_SCHEDULES: dict[str, Callable[[float], float]] = {
 }
 
 
+# Words of torch.optim's range errors ("Invalid learning rate: -0.1") -> (the argument, its valid values).
+OPTIMIZER_RANGES: dict[str, tuple[str, str]] = {
+    "learning rate": ("lr", ">= 0, typically 1e-4 to 1e-2"),
+    "weight_decay": ("weight_decay", ">= 0, typically 0 to 0.1"),
+    "epsilon": ("eps", ">= 0, typically 1e-8"),
+    "beta parameter": ("betas", "two values in [0, 1), typically [0.9, 0.999]"),
+    "momentum": ("momentum", ">= 0, typically 0.9"),
+}
+
+
+def check_optimizer(optimizer: OptimizerCallable) -> None:
+    """Build ``optimizer`` on one dummy parameter, so that a value out of range (a negative learning rate or
+    weight decay) fails at construction, naming the key and its valid values, not at the first step.
+
+    >>> check_optimizer(lambda params: torch.optim.SGD(params, lr=-1.0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model.optimizer.init_args.lr is out of range (Invalid learning rate: -1.0): give lr >= 0, ...
+    """
+    try:
+        optimizer([nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        words = next((w for w in OPTIMIZER_RANGES if w in str(err)), None)
+        if words is None:
+            raise ValueError(f"model.optimizer: {err}") from err
+        key, valid = OPTIMIZER_RANGES[words]
+        raise ValueError(
+            f"model.optimizer.init_args.{key} is out of range ({err}): give {key} {valid}"
+        ) from err
+
+
 def net_config(net: nn.Module) -> dict[str, Any] | None:
     """``{"class_path", "init_args"}`` that rebuild ``net``, stored in checkpoints; ``None`` if unknown.
 
@@ -73,6 +104,10 @@ def fit_progress(trainer: L.Trainer) -> Callable[[int], float]:
     return progress
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss during training, validation or testing; the message says where and what to change."""
+
+
 class SegmentationModule(L.LightningModule):
     """Wraps a segmentation net (``net(x) -> logits``) with loss, optimizer, scheduler and metrics.
 
@@ -87,7 +122,8 @@ class SegmentationModule(L.LightningModule):
 
     Args:
         net: the network; its ``out_channels`` attribute (or ``len(class_names)``) gives the class count.
-        loss: ``"dice_ce"`` (default), ``"dice"``, ``"ce"`` or ``"focal"`` (see ``unetseg.losses``).
+        loss: ``"dice_ce"`` (default), ``"dice_ce_bg"``, ``"dice_ce_image"``, ``"dice"``, ``"ce"`` or
+            ``"focal"`` (see ``unetseg.losses``).
         class_names: one name per output channel, index 0 the background; linked from the data in the CLI.
         include_background: whether the mean Dice/IoU includes class 0.
         optimizer: a callable ``params -> Optimizer`` (``class_path`` + ``init_args`` in YAML).
@@ -143,6 +179,7 @@ class SegmentationModule(L.LightningModule):
                 f"scheduler={scheduler!r} is not one of {sorted(LR_SCHEDULES)} "
                 "(or give a class_path, e.g. torch.optim.lr_scheduler.StepLR)"
             )
+        check_optimizer(optimizer)
         self.optimizer = optimizer
         self.scheduler = scheduler
         base = segmentation_metrics(num_classes)
@@ -161,12 +198,7 @@ class SegmentationModule(L.LightningModule):
         logits = self(image) if stage == "train" else self.infer(image)
         loss = self.loss_fn(logits, label)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{stage} loss is {loss.item()} at epoch {self.current_epoch}, "
-                f"global step {self.global_step}: "
-                "training stopped before the weights are corrupted (checkpoints saved so far are kept). "
-                "Lower the learning rate, use precision=32 or bf16-mixed, or check the images for NaN/inf."
-            )
+            raise NonFiniteLossError(self._non_finite_message(stage, loss.detach().item()))
         # max(1).indices == argmax(1) (first maximum on ties) but ~7x faster on CPU over the channel dim
         pred = logits.detach().max(1).indices
         self._metrics(stage).update(pred, label)
@@ -181,6 +213,36 @@ class SegmentationModule(L.LightningModule):
             prog_bar=True,
         )
         return {"loss": loss, "pred": pred}  # callbacks get the predictions in on_*_batch_end
+
+    def _non_finite_message(self, stage: str, loss: float) -> str:
+        """What a non-finite ``stage`` loss means for this run: where, the weights' state, what to do."""
+        weights = [p.detach() for p in self.parameters() if p.numel()]
+        finite = [w for w in weights if torch.isfinite(w).all()]
+        broken = len(weights) - len(finite)
+        largest = max((float(w.abs().max()) for w in finite), default=0.0)
+        state = (
+            f"{broken} of {len(weights)} weight tensors already hold NaN/inf" if broken
+            else f"the weights are still finite (largest |w| {largest:.3g})"
+        )
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
+        group = optimizers[0].param_groups[0] if optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))  # the configured value, before the schedule
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+        saved = any(getattr(c, "best_model_path", "") for c in callbacks)
+        kept = "the checkpoints saved before are kept" if saved else "no checkpoint was saved yet"
+        if self.global_step == 0:
+            advice = "before any optimizer step, so check the images and labels for NaN/inf"
+        else:
+            now = f" (model.optimizer.init_args.lr: {lr:.3g})" if lr else ""
+            advice = f"lower the learning rate{now}"
+            if precision.startswith("16"):  # float16 overflows past 65504; bfloat16 has float32's range
+                advice += f", or train in bf16-mixed or 32-true instead of {precision}"
+        return (
+            f"{stage} loss is {loss} at epoch {self.current_epoch}, global step {self.global_step} "
+            f"({precision} precision); {state}; training stopped ({kept}): {advice}"
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")["loss"]
