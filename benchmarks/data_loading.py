@@ -1,11 +1,13 @@
 """Data loading: samples/s of the training loader vs samples/s that the model's training step consumes.
 
 The loader side is ``SegmentationDataModule.train_dataloader()`` exactly as training uses it (training
-augmentation on: the default 2D albumentations / 3D flip-rot90-intensity lists of ``unetseg.data.transforms``)
+augmentation on: the default 2D albumentations / 3D nnU-Net-like MONAI lists of ``unetseg.data.transforms``)
 on the built-in synthetic data and on a NIfTI dataset (MSD layout, MR, 3 classes) that the benchmark writes
 into a temporary folder: 2D slices and 3D patches, each with the lazy loader (``cache=none``), the in-memory
-and the memory-mapped disk cache, with 0, 1 and 2 worker processes. The first ``1 + workers`` batches are
-not timed (worker start-up, queue fill); the figure is samples / wall time over the next batches.
+and the memory-mapped disk cache, with 0, 1 and 2 worker processes. The full run adds two in-memory 3D cases
+that price the augmentation: none, and every transform of the default 3D list on every patch (``prob`` 1).
+The first ``1 + workers`` batches are not timed (worker start-up, queue fill); the figure is samples / wall
+time over the next batches.
 
 The model side is one training step (forward, ``dice_ce`` loss, backward, AdamW step) of the base config's
 net (``configs/unet_skip.yaml``, built by the CLI with the dataset's channels and classes) on a real batch of
@@ -168,6 +170,12 @@ def plan(quick: bool, nifti_root: Path, cache_dir: Path) -> list[dict[str, Any]]
         scenarios.append({"name": f"nifti-3d-patches-{cache}", "data": {
             **common, "spatial_dims": 3, "patch_size": patch3, "batch_size": 2,
             "samples_per_case": 4 if quick else 8, "augmentation": aug3}})
+    if not quick:  # the 3D augmentation's price: none vs every default transform on every patch
+        memory3d = next(s["data"] for s in scenarios if s["name"] == "nifti-3d-patches-memory")
+        always = [{name: {**kwargs, "prob": 1.0}} for entry in aug3 for name, kwargs in entry.items()]
+        for suffix, aug, label in (("no-aug", None, "none"), ("aug-always", always, "default, every prob 1")):
+            scenarios.append({"name": f"nifti-3d-patches-memory-{suffix}", "augmentation_label": label,
+                              "data": {**memory3d, "augmentation": aug}})
     return scenarios
 
 
@@ -195,9 +203,10 @@ def run(quick: bool, workers: Sequence[int], batches: int, reps: int, device: st
                     f"{scenario['name']}: loader batch {entry['batch_shape']} != model {model['batch_shape']}"
                 )
             entry["loader_vs_model"] = entry["samples_per_s"] / model["samples_per_s"]
-        scenario["data"] = {k: (v if k != "augmentation" else "default") for k, v in data.items()
+        label = scenario.pop("augmentation_label", "default")
+        scenario["data"] = {k: (v if k != "augmentation" else label) for k, v in data.items()
                             if k not in ("root", "cache_dir")}
-        print(f"{scenario['name']:>26}: " + ", ".join(
+        print(f"{scenario['name']:>36}: " + ", ".join(
             f"{e['workers']}w {e['samples_per_s']:.0f}/s" for e in scenario["loader"]
         ) + f" | model {model['samples_per_s']:.1f}/s", file=sys.stderr)
     return {"nifti_dataset": dataset, "models": models, "scenarios": scenarios}

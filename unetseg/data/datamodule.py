@@ -161,7 +161,7 @@ class SegmentationDataModule(L.LightningDataModule):
             ``rgb``, ``none``), a dict (``{name: ct, window: [-100, 300]}``) or one per channel; ``None``
             takes the dataset's default (CT -> ``ct``, 8-bit images -> ``rgb``, else ``zscore``).
         augmentation: training augmentation as a list of ``{Name: {arg: value}}``: albumentations transforms
-            in 2D, ``RandomFlip``/``RandomRot90``/``RandomIntensity`` in 3D (``unetseg.data.transforms``);
+            in 2D, MONAI dictionary transforms in 3D (``TRANSFORMS_3D`` in ``unetseg.data.transforms``);
             ``None`` = none. Validation and test are never augmented.
         target_spacing: resample every case to this voxel spacing (one value per axis of the files, or one
             for all) before slicing/cropping; ``None`` (default) keeps the native spacing.

@@ -1,4 +1,4 @@
-"""Training augmentation: albumentations pipelines for 2D (written as YAML lists), small numpy ones for 3D.
+"""Training augmentation written as YAML lists: albumentations pipelines in 2D, MONAI transforms in 3D.
 
 2D, ``build_augmentation`` turns a YAML list into an ``albumentations.Compose``::
 
@@ -12,9 +12,19 @@
 Masks are always warped with nearest-neighbour interpolation (a non-nearest ``mask_interpolation`` is
 rejected), so they stay integer labels from the label set. Images may have any number of channels.
 
-3D, ``build_augmentation_3d`` uses the own transforms of ``TRANSFORMS_3D`` (random flips per axis, rotations
-by 90 degrees in a random plane, intensity scale/shift jitter); they work on ``(C, *spatial)`` arrays of any
-spatial rank, keep the label integer and the patch shape (90-degree turns only in planes with equal sides).
+3D, ``build_augmentation_3d`` turns a YAML list of the MONAI dictionary transforms in ``TRANSFORMS_3D`` into a
+``Compose3D``::
+
+    augmentation:
+      - RandAffined: {prob: 0.2, rotate_range: [0.52, 0.52, 0.52], scale_range: [0.3, 0.3, 0.3]}
+      - RandGaussianNoised: {prob: 0.1, std: 0.1}
+      - RandAdjustContrastd: {prob: 0.3, gamma: [0.7, 1.5], retain_stats: true}
+      - RandFlipd: {prob: 0.5, spatial_axis: 0}
+
+``keys`` are filled in (spatial transforms: image and label; intensity ones: image only) and spatial
+transforms get ``mode`` per key (the image's interpolation, default bilinear; the label's always nearest), so
+labels stay integers from the label set. ``TRANSFORMS_3D`` lists the names; ``DEFAULT_AUGMENTATION_3D`` is an
+nnU-Net-like list.
 
 Datasets call a transform as ``transform(image (C, *spatial) float32, label (*spatial) int | None, rng)`` and
 get ``(image, label)`` back; ``as_transform`` wraps an ``albumentations.Compose`` into that interface.
@@ -24,7 +34,6 @@ Validation and test datasets get ``transform=None``: they are never augmented.
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,10 +49,23 @@ DEFAULT_AUGMENTATION_2D: list[dict[str, Any]] = [
     {"Affine": {"rotate": [-15, 15], "scale": [0.9, 1.1], "p": 0.5}},
     {"RandomBrightnessContrast": {"brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5}},
 ]
+# nnU-Net-like (its default training transforms, written with MONAI's): rotation +-30 degrees (0.52 rad) and
+# scaling 0.7-1.3 on a fifth of the patches, noise, blur, brightness, contrast, low resolution, gamma (also on
+# the inverted image), mirroring along each axis.
 DEFAULT_AUGMENTATION_3D: list[dict[str, Any]] = [
-    {"RandomFlip": {"p": 0.5}},
-    {"RandomRot90": {"p": 0.5}},
-    {"RandomIntensity": {"scale": [0.9, 1.1], "shift": [-0.1, 0.1], "p": 0.5}},
+    {"RandAffined": {"prob": 0.2, "rotate_range": [0.52, 0.52, 0.52], "scale_range": [0.3, 0.3, 0.3],
+                     "padding_mode": "zeros"}},
+    {"RandGaussianNoised": {"prob": 0.1, "std": 0.1}},
+    {"RandGaussianSmoothd": {"prob": 0.2, "sigma_x": [0.5, 1.0], "sigma_y": [0.5, 1.0],
+                             "sigma_z": [0.5, 1.0]}},
+    {"RandScaleIntensityd": {"prob": 0.15, "factors": 0.25}},
+    {"RandScaleIntensityFixedMeand": {"prob": 0.15, "factors": 0.25, "preserve_range": True}},
+    {"RandSimulateLowResolutiond": {"prob": 0.25, "zoom_range": [0.5, 1.0]}},
+    {"RandAdjustContrastd": {"prob": 0.1, "gamma": [0.7, 1.5], "invert_image": True, "retain_stats": True}},
+    {"RandAdjustContrastd": {"prob": 0.3, "gamma": [0.7, 1.5], "retain_stats": True}},
+    {"RandFlipd": {"prob": 0.5, "spatial_axis": 0}},
+    {"RandFlipd": {"prob": 0.5, "spatial_axis": 1}},
+    {"RandFlipd": {"prob": 0.5, "spatial_axis": 2}},
 ]
 _NEAREST = 0  # cv2.INTER_NEAREST
 
@@ -61,14 +83,20 @@ def _entry(item: dict[str, Any] | str, where: str) -> tuple[str, dict[str, Any]]
     raise ValueError(f"{where}: each augmentation must be {{Name: {{arg: value}}}} or a name, got {item!r}")
 
 
-def _check_kwargs(cls: type, name: str, kwargs: dict[str, Any]) -> None:
+def _check_list(spec: AugSpec) -> None:
+    """Raise unless the augmentation is a list of entries (a lone dict or name is a common YAML slip)."""
+    if isinstance(spec, dict | str):
+        raise ValueError(f"augmentation must be a list of {{Name: {{arg: value}}}} entries, got {spec!r}")
+
+
+def _check_kwargs(cls: type, name: str, kwargs: dict[str, Any], hidden: Sequence[str] = ()) -> None:
     """Raise naming arguments that ``cls.__init__`` does not take (albumentations only warns)."""
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params) - {"self"})
     if unknown:
-        allowed = sorted(set(params) - {"self"})
+        allowed = sorted(set(params) - {"self", *hidden})
         raise ValueError(f"augmentation {name}: unknown argument(s) {unknown}; {name} takes {allowed}")
 
 
@@ -109,8 +137,7 @@ def build_augmentation(spec: AugSpec) -> Any:
     """
     if not spec:
         return None
-    if isinstance(spec, dict | str):
-        raise ValueError(f"augmentation must be a list of {{Name: {{arg: value}}}} entries, got {spec!r}")
+    _check_list(spec)
     import albumentations as A
 
     return A.Compose(_build_albumentations(spec, "augmentation"), mask_interpolation=_NEAREST)
@@ -146,122 +173,130 @@ class AlbumentationsTransform:
         return f"AlbumentationsTransform({self.compose!r})"
 
 
-class RandomFlip:
-    """Flip each spatial axis of ``axes`` (default all) independently with probability ``p``."""
-
-    def __init__(self, axes: Sequence[int] | None = None, p: float = 0.5) -> None:
-        self.axes = None if axes is None else tuple(int(a) for a in axes)
-        self.p = p
-
-    def __call__(
-        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        axes = range(image.ndim - 1) if self.axes is None else self.axes
-        for axis in axes:
-            if rng.random() < self.p:
-                image = np.flip(image, axis + 1)
-                label = None if label is None else np.flip(label, axis)
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"RandomFlip(axes={self.axes}, p={self.p})"
-
-
-class RandomRot90:
-    """With probability ``p``, rotate by k*90 degrees in a random plane of spatial axes.
-
-    k is 1, 2 or 3 in planes with equal sides; only k = 2 in the others, so the shape never changes.
-    """
-
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def __call__(
-        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        if rng.random() >= self.p or image.ndim < 3:
-            return image, label
-        planes = list(itertools.combinations(range(image.ndim - 1), 2))
-        a, b = planes[int(rng.integers(len(planes)))]
-        square = image.shape[a + 1] == image.shape[b + 1]
-        k = int(rng.integers(1, 4)) if square else 2
-        image = np.rot90(image, k, axes=(a + 1, b + 1))
-        label = None if label is None else np.rot90(label, k, axes=(a, b))
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"RandomRot90(p={self.p})"
-
-
-class RandomIntensity:
-    """With probability ``p``, ``x * s + b`` per channel, ``s ~ U(scale)``, ``b ~ U(shift)``; label kept."""
-
-    def __init__(
-        self, scale: Sequence[float] = (0.9, 1.1), shift: Sequence[float] = (-0.1, 0.1), p: float = 0.5
-    ):
-        if len(scale) != 2 or len(shift) != 2:
-            raise ValueError(f"RandomIntensity: scale and shift must be [low, high], got {scale}, {shift}")
-        self.scale, self.shift, self.p = tuple(scale), tuple(shift), p
-
-    def __call__(
-        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        if rng.random() >= self.p:
-            return image, label
-        shape = (image.shape[0],) + (1,) * (image.ndim - 1)
-        s = rng.uniform(*self.scale, size=shape).astype(np.float32)
-        b = rng.uniform(*self.shift, size=shape).astype(np.float32)
-        return (image * s + b).astype(np.float32), label
-
-    def __repr__(self) -> str:
-        return f"RandomIntensity(scale={self.scale}, shift={self.shift}, p={self.p})"
-
-
-TRANSFORMS_3D: dict[str, type] = {
-    "RandomFlip": RandomFlip,
-    "RandomRot90": RandomRot90,
-    "RandomIntensity": RandomIntensity,
+_BOTH, _IMAGE = ("image", "label"), ("image",)
+_GRID = ("bilinear", "nearest")  # grid_sample: trilinear in 3D; both modes sample the same points
+# MONAI dictionary transforms usable in 3D: name -> (keys it acts on, (default image interpolation, label
+# interpolation) of its ``mode`` argument, or None when it has none). Spatial ones move image and label
+# together, the label with nearest-neighbour interpolation; intensity and artefact ones touch the image only.
+TRANSFORMS_3D: dict[str, tuple[tuple[str, ...], tuple[str, str] | None]] = {
+    "RandAffined": (_BOTH, _GRID),  # rotation, scaling, shear, translation in one resampling
+    "Rand3DElasticd": (_BOTH, _GRID),
+    "RandGridDistortiond": (_BOTH, _GRID),
+    "RandRotated": (_BOTH, _GRID),
+    # torch interpolate: "nearest" would pick voxels half a voxel off the trilinear ones; "nearest-exact" not
+    "RandZoomd": (_BOTH, ("trilinear", "nearest-exact")),
+    "RandFlipd": (_BOTH, None),
+    "RandAxisFlipd": (_BOTH, None),
+    "RandRotate90d": (_BOTH, None),  # keeps the shape only in planes with equal sides
+    "RandAdjustContrastd": (_IMAGE, None),  # gamma
+    "RandGaussianNoised": (_IMAGE, None),
+    "RandRicianNoised": (_IMAGE, None),
+    "RandGaussianSmoothd": (_IMAGE, None),
+    "RandGaussianSharpend": (_IMAGE, None),
+    "RandScaleIntensityd": (_IMAGE, None),  # brightness: x * (1 + f)
+    "RandShiftIntensityd": (_IMAGE, None),
+    "RandStdShiftIntensityd": (_IMAGE, None),
+    "RandScaleIntensityFixedMeand": (_IMAGE, None),  # contrast around the mean
+    "RandBiasFieldd": (_IMAGE, None),
+    "RandHistogramShiftd": (_IMAGE, None),
+    "RandSimulateLowResolutiond": (_IMAGE, None),  # down- then up-sampling
 }
+_SET_BY_UNETSEG = ("keys", "allow_missing_keys", "lazy")
+
+
+def _monai_entry(name: str, kwargs: dict[str, Any], where: str) -> Any:
+    """The MONAI dictionary transform of one YAML entry, keys and per-key interpolation filled in."""
+    import monai.transforms
+
+    if name not in TRANSFORMS_3D:
+        raise ValueError(f"unknown 3D augmentation '{name}' ({where}); expected one of {list(TRANSFORMS_3D)}")
+    keys, modes = TRANSFORMS_3D[name]
+    cls = getattr(monai.transforms, name)
+    reserved = sorted(set(kwargs) & set(_SET_BY_UNETSEG))
+    if reserved:
+        raise ValueError(f"augmentation {name} ({where}): {reserved} are set by unetseg, not in the YAML")
+    _check_kwargs(cls, name, kwargs, hidden=_SET_BY_UNETSEG)
+    per_key = {}
+    if modes is not None:
+        mode = kwargs.get("mode", modes[0])
+        if not isinstance(mode, str):
+            raise ValueError(
+                f"augmentation {name} ({where}): mode is the image's interpolation, one name such as "
+                f"'{modes[0]}' (the label always uses '{modes[1]}'), got {mode!r}"
+            )
+        per_key["mode"] = (mode, modes[1])
+    try:
+        return cls(keys=keys, allow_missing_keys=True, **{**kwargs, **per_key})
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"augmentation {name} ({where}): invalid arguments {kwargs}: {err}") from err
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    """A MONAI output (``MetaTensor``/tensor/array) as a plain numpy array, without a copy."""
+    return array.as_tensor().numpy() if hasattr(array, "as_tensor") else np.asarray(array)
 
 
 class Compose3D:
-    """Applies transforms in order: ``(image (C, *spatial), label (*spatial), rng) -> (image, label)``.
+    """MONAI dictionary transforms as ``(image (C, X, Y, Z), label (X, Y, Z), rng) -> (image, label)``.
 
-    >>> aug = build_augmentation_3d([{"RandomFlip": {"p": 1.0}}])
-    >>> aug(np.arange(8.0).reshape(1, 2, 2, 2), None, np.random.default_rng(0))[0][0, 0, 0].tolist()
-    [7.0, 6.0]
+    Each transform sees ``{"image": (C, X, Y, Z), "label": (1, X, Y, Z)}`` and is re-seeded from ``rng`` on
+    every call (``set_random_state``), so results follow the dataset's per-worker seeding. Inputs are copied,
+    never modified; the image comes back float32, the label int64, both in the input shape.
+
+    >>> aug = build_augmentation_3d([{"RandFlipd": {"prob": 1.0, "spatial_axis": 0}}])
+    >>> image, label = np.arange(8.0).reshape(1, 2, 2, 2), np.arange(8).reshape(2, 2, 2)
+    >>> out_image, out_label = aug(image, label, np.random.default_rng(0))
+    >>> out_image[0, :, 0, 0].tolist(), out_label[:, 0, 0].tolist()
+    ([4.0, 0.0], [4, 0])
     """
 
-    def __init__(self, transforms: Sequence[Transform]) -> None:
+    def __init__(self, transforms: Sequence[Any], names: Sequence[str] | None = None) -> None:
         self.transforms = list(transforms)
+        self.names = list(names) if names is not None else [type(t).__name__ for t in self.transforms]
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        for transform in self.transforms:
-            image, label = transform(image, label, rng)
-        return image, label
+        import torch
+
+        if image.ndim != 4:
+            raise ValueError(f"3D augmentation expects an image (C, X, Y, Z), got shape {image.shape}")
+        shape = image.shape
+        data = {"image": torch.from_numpy(np.array(image, dtype=np.float32))}
+        if label is not None:
+            data["label"] = torch.from_numpy(np.array(label[None], dtype=np.float32))
+        for seed, name, transform in zip(
+            rng.integers(2**31, size=len(self.transforms)), self.names, self.transforms, strict=True
+        ):
+            transform.set_random_state(seed=int(seed))
+            data = transform(data)
+            if tuple(data["image"].shape) != shape:
+                raise ValueError(
+                    f"augmentation {name} changed the patch shape {shape} to {tuple(data['image'].shape)}; "
+                    "training patches must keep their shape (keep_size, spatial_size, equal-sided planes)"
+                )
+        out_label = None if label is None else _as_numpy(data["label"])[0].astype(np.int64)
+        return _as_numpy(data["image"]).astype(np.float32, copy=False), out_label
 
     def __repr__(self) -> str:
-        return f"Compose3D({self.transforms})"
+        return f"Compose3D({self.names})"
 
 
 def build_augmentation_3d(spec: AugSpec) -> Compose3D | None:
-    """``Compose3D`` of ``TRANSFORMS_3D`` entries from a YAML-style list, or ``None`` if empty."""
+    """``Compose3D`` of the MONAI transforms named in a YAML-style list (``TRANSFORMS_3D``), or ``None``.
+
+    >>> build_augmentation_3d([{"RandAffined": {"prob": 0.2, "rotate_range": 0.5}}, "RandAxisFlipd"])
+    Compose3D(['RandAffined', 'RandAxisFlipd'])
+    """
     if not spec:
         return None
-    if isinstance(spec, dict | str):
-        raise ValueError(f"augmentation must be a list of {{Name: {{arg: value}}}} entries, got {spec!r}")
-    transforms = []
+    _check_list(spec)
+    transforms, names = [], []
     for i, item in enumerate(spec):
         name, kwargs = _entry(item, f"augmentation[{i}]")
-        if name not in TRANSFORMS_3D:
-            raise ValueError(
-                f"unknown 3D augmentation '{name}' (augmentation[{i}]); expected one of {list(TRANSFORMS_3D)}"
-            )
-        _check_kwargs(TRANSFORMS_3D[name], name, kwargs)
-        transforms.append(TRANSFORMS_3D[name](**kwargs))
-    return Compose3D(transforms)
+        transforms.append(_monai_entry(name, kwargs, f"augmentation[{i}]"))
+        names.append(name)
+    return Compose3D(transforms, names)
 
 
 def as_transform(obj: Any) -> Transform | None:
