@@ -18,11 +18,19 @@ def _with_channel(loss: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
     return lambda logits, label: loss(logits, label.unsqueeze(1))
 
 
-# Dice terms exclude the background and pool the batch (nnU-Net's "batch dice"): stable when a class is
-# absent from one image of the batch.
+# ``dice_ce`` and ``dice``: Dice terms exclude the background and pool the batch (nnU-Net's "batch dice"),
+# stable when a class is absent from one image of the batch. ``dice_ce_bg`` pools the batch with the
+# background in; ``dice_ce_image`` is MONAI's default DiceCELoss (per image, background in). Which one
+# learns every class of the real-MRI benchmark fastest is measured in docs/planning.md.
 LOSSES: dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
     "dice_ce": lambda: _with_channel(
         DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    ),
+    "dice_ce_bg": lambda: _with_channel(
+        DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, batch=True)
+    ),
+    "dice_ce_image": lambda: _with_channel(
+        DiceCELoss(include_background=True, to_onehot_y=True, softmax=True)
     ),
     "dice": lambda: _with_channel(
         DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
@@ -33,7 +41,8 @@ LOSSES: dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], torch.Tens
 
 
 class SegmentationLoss(nn.Module):
-    """A named segmentation loss (``dice_ce``, ``dice``, ``ce``, ``focal``) evaluated in float32.
+    """A named segmentation loss (``dice_ce``, ``dice_ce_bg``, ``dice_ce_image``, ``dice``, ``ce``, ``focal``)
+    evaluated in float32.
 
     >>> loss = SegmentationLoss("dice_ce")
     >>> loss(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))).shape

@@ -19,6 +19,10 @@ def test_shipped_grid_files_are_valid(path, tmp_path):
     if "EncoderUNet" in path.read_text() and not (smp_available() or os.environ.get("UNETSEG_REQUIRE_SMP")):
         pytest.skip("needs the [smp] extra")
     grid = AblationGrid.from_file(path)
+    if "auto" in grid.configs:  # planned from a dataset given with --set data.root=...: a real-MRI cut-out
+        real_mri = pytest.importorskip("benchmarks.real_mri")
+        root = real_mri.build_cutout(tmp_path / "mri")
+        grid.args.update({"data.root": str(root), "data.split_file": str(root / "splits.json")})
     runs = plan_runs(grid, tmp_path, log=lambda _: None)
     assert len(runs) >= len(grid.variants()) * len(grid.seeds)
     assert len({r.id for r in runs}) == len(runs)

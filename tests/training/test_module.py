@@ -46,7 +46,8 @@ def test_loss_is_computed_in_float32_under_bf16_autocast():
 
 
 def test_unknown_loss_names_the_value_and_the_options():
-    with pytest.raises(ValueError, match=r"loss='dyce'.*\['ce', 'dice', 'dice_ce', 'focal'\]"):
+    options = r"\['ce', 'dice', 'dice_ce', 'dice_ce_bg', 'dice_ce_image', 'focal'\]"
+    with pytest.raises(ValueError, match=r"loss='dyce'.*" + options):
         SegmentationLoss("dyce")
 
 
@@ -154,3 +155,23 @@ def test_named_lr_schedule_spans_the_whole_fit(name, middle, end):
         ValueError, match=r"scheduler='linear' is not one of \['constant', 'cosine', 'poly'\]"
     ):
         _module(scheduler="linear")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("dice_ce", {"include_background": False, "batch": True}),
+        ("dice_ce_bg", {"include_background": True, "batch": True}),
+        ("dice_ce_image", {}),  # MONAI's defaults: per image, background in
+    ],
+)
+def test_dice_ce_forms_equal_monai_with_those_settings(name, kwargs):
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits, label = torch.randn(3, 4, 9, 7), torch.randint(0, 4, (3, 9, 7))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, **kwargs)(logits, label[:, None])
+    assert torch.allclose(SegmentationLoss(name)(logits, label), expected)
+    if name != "dice_ce":
+        default = SegmentationLoss("dice_ce")(logits, label)
+        assert not torch.allclose(SegmentationLoss(name)(logits, label), default)

@@ -1,4 +1,10 @@
-"""Pure-PyTorch networks: the configurable-skip UNet and its parts."""
+"""Networks: the configurable-skip UNet and its parts, in pure PyTorch.
+
+``unet`` (Encoder + Decoder + head), ``skips`` (the long-skip merge modules and their registry),
+``blocks`` (plain / residual / dense short skips), ``layers`` (dimension-generic layers, argument checks),
+``encoders`` (smp encoders), ``build`` (a net from its class path and arguments). It imports torch only:
+no Lightning and no other ``unetseg`` subpackage, so a net can be used and exported anywhere.
+"""
 
 from unetseg.nets.blocks import BLOCKS, DenseDoubleConv, DoubleConv, ResidualDoubleConv
 from unetseg.nets.encoders import EncoderUNet

@@ -131,18 +131,9 @@ class EncoderUNet(nn.Module):
         super().__init__()
         self.init_args = constructor_args(EncoderUNet.__init__, locals())
         check_choice("spatial_dims", spatial_dims, [2])
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("out_channels", out_channels)
-        check_choice("encoder_depth", encoder_depth, [2, 3, 4, 5])
-        check_choice("upsample", upsample, sorted(UPSAMPLES))
-        if decoder_channels is None:
-            decoder_channels = default_decoder_channels(encoder_depth)
-        if not isinstance(decoder_channels, (list, tuple)) or len(decoder_channels) != encoder_depth:
-            raise ValueError(
-                f"decoder_channels={decoder_channels!r} must have encoder_depth={encoder_depth} entries "
-                f"(one per decoder level, full resolution first)"
-            )
-        _check_common(2, decoder_channels, block, norm, dropout)
+        decoder_channels = _check_decoder_args(
+            in_channels, out_channels, encoder_depth, upsample, decoder_channels, block, norm, dropout
+        )
         smp = import_smp()
         names = smp.encoders.get_encoder_names()
         if not encoder.startswith("tu-") and encoder not in names:
@@ -158,17 +149,7 @@ class EncoderUNet(nn.Module):
         # Decoder levels 1 .. depth-1 over the encoder's deepest feature (the bottleneck).
         level_channels = (*decoder_channels[1:], encoder_channels[-1])
         self.long_skip = resolve_long_skip(long_skip, level_channels)
-        skip_channels = encoder_channels[:-1]
-        for i, (c, mode) in enumerate(zip(skip_channels, self.long_skip, strict=True)):
-            if c == 0 and mode != "none":
-                suggestion = [
-                    "none" if ch == 0 else m for ch, m in zip(skip_channels, self.long_skip, strict=True)
-                ]
-                raise ValueError(
-                    f"encoder={encoder!r} has no stride-{2 ** (i + 1)} feature (0 channels), so "
-                    f"long_skip[{i}]={mode!r} has nothing to merge: give 'none' there, e.g. "
-                    f"long_skip={suggestion}"
-                )
+        _check_skip_features(encoder, encoder_channels[:-1], self.long_skip)
         self.decoder = Decoder(2, level_channels, self.long_skip, block, norm, dropout, upsample)
         # 1x1 adapters from the encoder's skip widths to the decoder's (only where a skip is used).
         self.adapters = nn.ModuleList(
@@ -237,3 +218,41 @@ def smp_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _check_decoder_args(
+    in_channels: int,
+    out_channels: int,
+    encoder_depth: int,
+    upsample: str,
+    decoder_channels: Sequence[int] | None,
+    block: str,
+    norm: str | None,
+    dropout: float,
+) -> Sequence[int]:
+    """Check ``EncoderUNet``'s arguments; the decoder channels (default: one per level for the depth)."""
+    _check_positive_int("in_channels", in_channels)
+    _check_positive_int("out_channels", out_channels)
+    check_choice("encoder_depth", encoder_depth, [2, 3, 4, 5])
+    check_choice("upsample", upsample, sorted(UPSAMPLES))
+    if decoder_channels is None:
+        decoder_channels = default_decoder_channels(encoder_depth)
+    if not isinstance(decoder_channels, (list, tuple)) or len(decoder_channels) != encoder_depth:
+        raise ValueError(
+            f"decoder_channels={decoder_channels!r} must have encoder_depth={encoder_depth} entries "
+            f"(one per decoder level, full resolution first)"
+        )
+    _check_common(2, decoder_channels, block, norm, dropout)
+    return decoder_channels
+
+
+def _check_skip_features(encoder: str, skip_channels: Sequence[int], long_skip: Sequence[str]) -> None:
+    """A long skip needs an encoder feature to merge: 0-channel features (no such stride) need 'none'."""
+    for i, (c, mode) in enumerate(zip(skip_channels, long_skip, strict=True)):
+        if c == 0 and mode != "none":
+            suggestion = ["none" if ch == 0 else m for ch, m in zip(skip_channels, long_skip, strict=True)]
+            raise ValueError(
+                f"encoder={encoder!r} has no stride-{2 ** (i + 1)} feature (0 channels), so "
+                f"long_skip[{i}]={mode!r} has nothing to merge: give 'none' there, e.g. "
+                f"long_skip={suggestion}"
+            )
