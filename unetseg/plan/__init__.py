@@ -8,7 +8,7 @@ reason; ``overlay`` writes them as a YAML config overlay with the reasons as com
 """
 
 from unetseg.plan.fingerprint import Fingerprint, dataset_fingerprint
-from unetseg.plan.overlay import plan_dataset, write_overlay
+from unetseg.plan.overlay import plan_dataset
 from unetseg.plan.rules import Choice, Plan, make_plan
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "dataset_fingerprint",
     "make_plan",
     "plan_dataset",
-    "write_overlay",
 ]

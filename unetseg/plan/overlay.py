@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from unetseg.data.formats import DatasetSpec, detect_layout, validate
+from unetseg.data.formats import Case, DatasetSpec, detect_layout, validate
 from unetseg.data.splits import read_split_file
 from unetseg.plan.fingerprint import Fingerprint, dataset_fingerprint
 from unetseg.plan.rules import Plan, make_plan
@@ -42,13 +42,13 @@ def render(plan: Plan, header: list[str]) -> str:
     return "\n".join(lines + _render_node(plan.overlay(), "", reasons, 0)) + "\n"
 
 
-def _planned_cases(spec: DatasetSpec, split_file: str | None) -> tuple[list, int | None]:
-    """Training cases to plan from (train + val of the split file, if any) and the validation size."""
+def _planned_cases(spec: DatasetSpec, split_file: str | None) -> list[Case]:
+    """Training cases to plan from: train + val of the split file when one is given, else all of them."""
     if split_file is None:
-        return list(spec.cases_train), None
+        return list(spec.cases_train)
     splits = read_split_file(split_file, [c.case_id for c in spec.cases_train])
     keep = set(splits["train"]) | set(splits["val"])
-    return [c for c in spec.cases_train if c.case_id in keep], None
+    return [c for c in spec.cases_train if c.case_id in keep]
 
 
 def _header(spec: DatasetSpec, fp: Fingerprint, gpu: bool) -> list[str]:
@@ -72,7 +72,7 @@ def plan_dataset(
 ) -> Path:
     """Fingerprint the dataset at ``root``, plan it and write the overlay to ``output``; returns the path."""
     spec = validate(detect_layout(root))
-    cases, _ = _planned_cases(spec, split_file)
+    cases = _planned_cases(spec, split_file)
     fp = dataset_fingerprint(spec, cases)
     if gpu is None:
         import torch
@@ -82,11 +82,4 @@ def plan_dataset(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(plan, _header(spec, fp, gpu)))
-    return output
-
-
-def write_overlay(plan: Plan, output: str | Path, header: list[str] | None = None) -> Path:
-    """Write ``plan`` to ``output`` as YAML with the reasons as comments."""
-    output = Path(output)
-    output.write_text(render(plan, header or []))
     return output
