@@ -149,3 +149,32 @@ def test_plan_refuses_cases_without_labels(tmp_path):
     (spec.cases_train[0].label).unlink()
     with pytest.raises(Exception, match="label"):
         dataset_fingerprint(validate(detect_layout(root)))
+
+
+def test_config_auto_plans_trains_and_keeps_the_plan_next_to_the_config(mri, tmp_path, capsys):
+    from unetseg.training.cli import main
+
+    common = ["--logging.save_dir", str(tmp_path / "runs"), "--logging.wandb", "false", "--test", "false"]
+    result = main(
+        [
+            "--config",
+            "auto",
+            "--data.root",
+            str(mri),
+            "--data.split_file",
+            str(mri / "splits.json"),
+            "--trainer.max_steps",
+            "2",
+            *common,
+        ]
+    )
+    run_dir = tmp_path / "runs" / "auto" / "version_0"
+    assert result.steps == 2 and (run_dir / "config.yaml").is_file()
+    planned = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert used["data"]["oversample"] == planned["data"]["oversample"]
+    assert used["model"]["net"]["init_args"]["channels"] == planned["model"]["net"]["init_args"]["channels"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "auto", *common])
+    assert exit_info.value.code == 2
+    assert "--config auto plans from a dataset: give --data.root" in capsys.readouterr().err
