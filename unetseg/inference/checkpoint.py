@@ -4,12 +4,14 @@ A unetseg checkpoint records its net (``hyper_parameters["net"]``: class path an
 net's weights (``state_dict`` entries prefixed ``net.``), the ``Inferer`` arguments
 (``hyper_parameters["inference"]``), the class names and the data's preprocessing (``checkpoint
 ["preprocessing"]``). ``CheckpointModel.load`` rebuilds all of it from the file alone with ``torch.load
-(weights_only=True)``; predict, export and ``SegmentationModule.load_for_inference`` use it. Folders of
-checkpoints (cross-validation folds) are expanded by ``checkpoint_files``.
+(weights_only=True)``; predict, export and ``SegmentationModule.load_for_inference`` use it. A
+deep-supervised net is loaded without its deep-supervision heads (``inference_net``): it returns one tensor.
+Folders of checkpoints (cross-validation folds) are expanded by ``checkpoint_files``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,21 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def inference_net(net: nn.Module, copy_first: bool = True) -> nn.Module:
+    """``net`` in eval mode without deep-supervision heads, so that it returns one tensor in any mode.
+
+    A net with ``deep_supervision`` on is stripped with its ``strip_deep_supervision()`` (a deep copy unless
+    ``copy_first=False``, which strips ``net`` itself); any other net is returned as it is, in eval mode.
+    """
+    if getattr(net, "deep_supervision", False) and callable(getattr(net, "strip_deep_supervision", None)):
+        net = (copy.deepcopy(net) if copy_first else net).strip_deep_supervision()
+    return net.eval()
+
+
 def load_net(checkpoint: dict[str, Any], source: str | Path) -> nn.Module:
-    """The net a checkpoint records, with its weights, in eval mode; raises naming ``source`` when they do not
-    fit. Pretrained encoders are rebuilt without a download (``encoder_weights=None``): the weights are in
-    the checkpoint."""
+    """The net a checkpoint records, with its weights, in eval mode and without deep-supervision heads
+    (:func:`inference_net`); raises naming ``source`` when the weights do not fit. Pretrained encoders are
+    rebuilt without a download (``encoder_weights=None``): the weights are in the checkpoint."""
     config = checkpoint["hyper_parameters"]["net"]
     init_args = dict(config.get("init_args") or {})
     if init_args.get("encoder_weights"):
@@ -62,7 +75,7 @@ def load_net(checkpoint: dict[str, Any], source: str | Path) -> nn.Module:
         raise ValueError(
             f"checkpoint {source}: the weights do not fit its net {config['class_path']}: {err}"
         ) from err
-    return net.eval()
+    return inference_net(net, copy_first=False)
 
 
 def _class_names(hparams: dict[str, Any], net: nn.Module, source: str | Path) -> list[str]:
@@ -108,6 +121,10 @@ class CheckpointModel(nn.Module):
         checkpoint = read_checkpoint(path, map_location)
         hparams = dict(checkpoint["hyper_parameters"])
         net = load_net(checkpoint, path)
+        init_args = hparams["net"].get("init_args") or {}
+        if init_args.get("deep_supervision") and not getattr(net, "deep_supervision", True):
+            # the record of the net as loaded: stripped of its heads, it rebuilds without them
+            hparams["net"] = {**hparams["net"], "init_args": {**init_args, "deep_supervision": False}}
         inference = as_inferer(hparams.get("inference"))
         preprocessing = checkpoint.get("preprocessing")
         return cls(net, _class_names(hparams, net, path), inference, preprocessing, hparams, path).eval()

@@ -3,9 +3,10 @@
 
 The exported graph is the net alone: a normalized image ``(N, C, *spatial)`` float32 in, logits
 ``(N, K, *spatial)`` out, for any batch and spatial size (the UNet pads to a multiple of ``2 ** depth`` and
-crops back inside the graph). Normalization, sliding windows and argmax stay outside; the class names, input
-channels, spatial dims and normalization are stored with the model (ONNX ``metadata_props``, TorchScript
-extra file ``unetseg.json``).
+crops back inside the graph). A deep-supervised net is exported without its deep-supervision heads
+(:func:`~unetseg.inference.checkpoint.inference_net`): the full-resolution logits only, as in eval mode.
+Normalization, sliding windows and argmax stay outside; the class names, input channels, spatial dims and
+normalization are stored with the model (ONNX ``metadata_props``, TorchScript extra file ``unetseg.json``).
 
 * ``torchscript``: ``torch.jit.script`` (control flow kept; ``--method auto``, the default, falls back to
   ``torch.jit.trace`` with a warning when the net cannot be scripted), saved with ``torch.jit.save``; load
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unetseg.inference.checkpoint import CheckpointModel
+from unetseg.inference.checkpoint import CheckpointModel, inference_net
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_KEY = "unetseg.json"
@@ -49,7 +50,8 @@ def export_torchscript(
     method: str = "auto",
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``net`` (eval mode) as TorchScript with ``metadata`` as the extra file ``unetseg.json``.
+    """Save ``net`` (eval mode, without deep-supervision heads) as TorchScript with ``metadata`` as the extra
+    file ``unetseg.json``.
 
     ``method``: ``"script"`` (``torch.jit.script``, control flow kept), ``"trace"`` (``torch.jit.trace`` on
     ``example``; shape arithmetic is recorded, so other sizes work, but data-dependent branches are frozen)
@@ -58,7 +60,7 @@ def export_torchscript(
     if method not in TORCHSCRIPT_METHODS:
         raise ValueError(f"method={method!r} is not one of {list(TORCHSCRIPT_METHODS)}")
     path = Path(path)
-    net = net.eval()
+    net = inference_net(net)
     scripted = None
     if method in ("auto", "script"):
         try:
@@ -86,15 +88,16 @@ def export_onnx(
     opset: int = 17,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Export ``net`` (eval mode) to ONNX, traced on ``example`` ``(N, C, *spatial)``; batch and spatial axes
-    are dynamic unless ``dynamic=False``. ``metadata`` goes into ``metadata_props`` (key ``unetseg.json``)."""
+    """Export ``net`` (eval mode, without deep-supervision heads) to ONNX, traced on ``example``
+    ``(N, C, *spatial)``; batch and spatial axes are dynamic unless ``dynamic=False``. ``metadata`` goes into
+    ``metadata_props`` (key ``unetseg.json``)."""
     path = Path(path)
     axes = {0: "batch", **{i: f"spatial_{i - 2}" for i in range(2, example.ndim)}}
     with warnings.catch_warnings():  # shape arithmetic recorded as graph ops is what we want
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
-            net.eval(),
+            inference_net(net),
             (example,),
             str(path),
             dynamo=False,

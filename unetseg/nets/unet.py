@@ -75,6 +75,17 @@ def crop_to(x: Tensor, starts: list[int], sizes: list[int]) -> Tensor:
     return x
 
 
+def level_crop(starts: list[int], sizes: list[int], level: int) -> tuple[list[int], list[int]]:
+    """The crop of :func:`crop_to` at ``1 / 2**level`` of the full resolution: starts
+    ``floor(start / 2**level)``, sizes ``ceil(size / 2**level)``. Level 0 is the full-resolution crop itself.
+
+    >>> level_crop([3, 0], [9, 16], 2)
+    ([0, 0], [3, 4])
+    """
+    factor = 2**level
+    return [s // factor for s in starts], [-(-n // factor) for n in sizes]
+
+
 def _num_params(module: nn.Module) -> int:
     """Number of parameters (works for modules on the meta device)."""
     return sum(p.numel() for p in module.parameters())
@@ -181,13 +192,27 @@ class Decoder(nn.Module):
         self.out_channels = channels[0]
 
     def forward(self, features: list[Tensor]) -> Tensor:
+        return self.levels(features, 1)[0]
+
+    def levels(self, features: list[Tensor], num_levels: int = 1) -> list[Tensor]:
+        """The outputs of the ``num_levels`` shallowest decoder levels, **shallowest first**: entry ``i`` is
+        level ``i`` (``channels[i]`` features at ``1 / 2**i`` of the full resolution). Deep supervision reads
+        the levels below full resolution; ``forward`` keeps only level 0."""
         if len(features) != len(self.stages) + 1:
             raise ValueError(f"expected {len(self.stages) + 1} encoder features, got {len(features)}")
+        if not 1 <= num_levels <= len(self.stages):
+            raise ValueError(
+                f"num_levels={num_levels} must be in [1, {len(self.stages)}] (the decoder levels)"
+            )
         x = features[-1]
         last = len(features) - 2
+        first_kept = len(self.stages) - num_levels
+        outputs: list[Tensor] = []
         for i, stage in enumerate(self.stages):
             x = stage(x, features[last - i])
-        return x
+            if i >= first_kept:
+                outputs.insert(0, x)
+        return outputs
 
     def skip_parameter_count(self) -> int:
         """Parameters that exist only because the skips feed the decoder.
@@ -224,10 +249,25 @@ class UNet(nn.Module):
         upsample: ``"transpose"`` (2x2 up-conv, stride 2) or ``"interp"`` ((bi/tri)linear 2x resize then
             a 3x3 conv).
         dropout: channel dropout probability at the end of every block, in ``[0, 1)``.
+        deep_supervision: add 1x1 conv heads (``ds_heads``) to the decoder levels below full resolution, as
+            nnU-Net does; in training mode ``forward`` then returns a list of logits (see below).
 
     Any input size works: ``forward`` zero-pads every spatial dimension up to the next multiple of
     ``2 ** (len(channels) - 1)`` (``size_multiple``), with ``pad // 2`` before and the rest after, and crops
     the output back to the input's spatial size. Normalisation statistics see the padded zeros.
+
+    **Deep supervision** follows nnU-Net: of the ``len(channels) - 1`` decoder levels, every level but the
+    lowest (the one next to the bottleneck) gets a head, so levels ``0 .. len(channels) - 3`` are supervised
+    (nnU-Net builds the lowest head too but gives its loss weight 0; here it is not built, so every head gets
+    gradients and DDP finds no unused parameters). In training mode (``self.training``) ``forward`` returns
+    one logits tensor per supervised level, **full resolution first**: entry ``i`` has ``1 / 2**i`` of the
+    resolution, cropped like the full-resolution output (:func:`level_crop`: ``ceil(size / 2**i)`` per
+    dimension; for input sizes that are multiples of ``size_multiple`` output pixel ``j`` covers exactly input
+    pixels ``[j * 2**i, (j + 1) * 2**i)``). Entry 0 is what ``forward`` returns without deep supervision (the
+    main ``head``). In eval mode, and in TorchScript/ONNX exports, ``forward`` returns that tensor alone, so
+    inference, sliding windows, TTA and metrics do not change; :meth:`strip_deep_supervision` drops the heads
+    for good. With 3 or fewer levels there is no level to supervise below full resolution: the list has one
+    entry. :class:`unetseg.losses.DeepSupervisionLoss` weighs the levels.
 
     ``UNet(in_channels=1, out_channels=2, channels=(64, 128, 256, 512, 1024), norm=None)`` is exactly the
     network of Ronneberger et al. with same-padded convs (23 conv layers, 31,030,658 parameters).
@@ -237,6 +277,11 @@ class UNet(nn.Module):
     torch.Size([1, 2, 20, 33, 17])
     >>> UNet(channels=(8, 16, 32, 64), long_skip=("none", "concat", "add")).long_skip
     ('none', 'concat', 'add')
+    >>> net = UNet(channels=(8, 16, 32, 64, 128), deep_supervision=True)
+    >>> [tuple(y.shape) for y in net(torch.rand(1, 1, 37, 40))]  # training mode: levels 0, 1, 2
+    [(1, 2, 37, 40), (1, 2, 19, 20), (1, 2, 10, 10)]
+    >>> net.eval()(torch.rand(1, 1, 37, 40)).shape
+    torch.Size([1, 2, 37, 40])
     """
 
     def __init__(
@@ -250,6 +295,7 @@ class UNet(nn.Module):
         norm: str | None = "batch",
         upsample: str = "transpose",
         dropout: float = 0.0,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         self.init_args = constructor_args(UNet.__init__, locals())
@@ -257,6 +303,8 @@ class UNet(nn.Module):
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("out_channels", out_channels)
         check_choice("upsample", upsample, sorted(UPSAMPLES))
+        if not isinstance(deep_supervision, bool):
+            raise ValueError(f"deep_supervision={deep_supervision!r} must be true or false")
         self.long_skip = resolve_long_skip(long_skip, channels)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -267,14 +315,45 @@ class UNet(nn.Module):
 
         self.encoder = Encoder(spatial_dims, in_channels, channels, block, norm, dropout)
         self.decoder = Decoder(spatial_dims, channels, self.long_skip, block, norm, dropout, upsample)
-        self.head = conv_cls(spatial_dims)(channels[0], out_channels, kernel_size=1)
+        conv = conv_cls(spatial_dims)
+        self.head = conv(channels[0], out_channels, kernel_size=1)
+        # Deep supervision: heads on decoder levels 1 .. len(channels) - 3 (not the one at the bottleneck).
+        self.deep_supervision = deep_supervision
+        supervised = channels[1 : max(len(channels) - 2, 1)] if deep_supervision else ()
+        self.ds_heads = nn.ModuleList(conv(c, out_channels, kernel_size=1) for c in supervised)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Annotated as the tensor that eval mode and the TorchScript/ONNX exports return (TorchScript compiles
+        # only this path); in training mode with deep supervision it is the list of deep_supervision_outputs.
+        if self.deep_supervision and self.training and not torch.jit.is_scripting():
+            return self.deep_supervision_outputs(x)  # type: ignore[return-value]
         padded, starts = pad_to_multiple(x, self.size_multiple)
         return crop_to(self.head(self.decoder(self.encoder(padded))), starts, x.shape[2:])
 
+    @torch.jit.unused
+    def deep_supervision_outputs(self, x: Tensor) -> list[Tensor]:
+        """Logits of every supervised decoder level, full resolution first (see the class docstring)."""
+        padded, starts = pad_to_multiple(x, self.size_multiple)
+        heads = [self.head, *self.ds_heads]
+        features = self.decoder.levels(self.encoder(padded), len(heads))
+        outputs = []
+        for level, (head, feature) in enumerate(zip(heads, features, strict=True)):
+            outputs.append(crop_to(head(feature), *level_crop(starts, list(x.shape[2:]), level)))
+        return outputs
+
+    def strip_deep_supervision(self) -> UNet:
+        """Drop the deep-supervision heads (in place; returns ``self``): what inference and export keep.
+
+        ``forward`` then returns one tensor in any mode, and ``init_args`` say ``deep_supervision=False``, so
+        a checkpoint of the stripped net rebuilds it."""
+        self.ds_heads = nn.ModuleList()
+        self.deep_supervision = False
+        self.init_args["deep_supervision"] = False
+        return self
+
     def layer_groups(self) -> dict[str, nn.Module]:
-        """The net's parts in data-flow order: ``encoder.<i>``, ``bottleneck``, ``decoder.<i>``, ``head``.
+        """The net's parts in data-flow order: ``encoder.<i>``, ``bottleneck``, ``decoder.<i>``, ``head``, and
+        ``ds_heads`` (all deep-supervision heads, only when there are any).
 
         Level ``i`` is the resolution level (0 = full resolution) of both the encoder and the decoder; the
         decoder runs deep to shallow. A decoder level includes its upsampling and its skip merge.
@@ -285,20 +364,25 @@ class UNet(nn.Module):
         last = len(self.decoder.stages) - 1
         groups |= {f"decoder.{last - j}": stage for j, stage in enumerate(self.decoder.stages)}
         groups["head"] = self.head
+        if len(self.ds_heads):
+            groups["ds_heads"] = self.ds_heads
         return groups
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameter counts: ``encoder`` (incl. bottleneck), ``decoder``, ``skips``, ``head`` and ``total``.
+        """Parameter counts: ``encoder`` (incl. bottleneck), ``decoder``, ``skips``, ``head``, ``ds_heads``
+        (only with deep-supervision heads) and ``total``.
 
         ``skips`` counts the parameters that exist only because the long skips feed the decoder (see
         :meth:`Decoder.skip_parameter_count`; 0 for ``add``/``none``); ``decoder`` excludes them, so
-        ``encoder + decoder + skips + head == total``.
+        ``encoder + decoder + skips + head (+ ds_heads) == total``.
         """
         skips = self.decoder.skip_parameter_count()
-        return {
+        counts = {
             "encoder": _num_params(self.encoder),
             "decoder": _num_params(self.decoder) - skips,
             "skips": skips,
             "head": _num_params(self.head),
-            "total": _num_params(self),
         }
+        if len(self.ds_heads):
+            counts["ds_heads"] = _num_params(self.ds_heads)
+        return counts | {"total": _num_params(self)}

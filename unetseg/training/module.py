@@ -19,7 +19,7 @@ from torchmetrics import MetricCollection
 from unetseg.data.preprocessing import preprocessing_config
 from unetseg.inference.checkpoint import CheckpointModel
 from unetseg.inference.inferer import Inferer
-from unetseg.losses import SegmentationLoss
+from unetseg.losses import DeepSupervisionLoss, SegmentationLoss
 from unetseg.metrics import segmentation_metrics, to_logged_scalars
 
 STAGES = ("train", "val", "test")
@@ -111,6 +111,11 @@ class NonFiniteLossError(FloatingPointError):
 class SegmentationModule(L.LightningModule):
     """Wraps a segmentation net (``net(x) -> logits``) with loss, optimizer, scheduler and metrics.
 
+    A net that returns a list of logits in training mode (deep supervision, full resolution first, e.g.
+    ``UNet(deep_supervision=True)``) is trained with :class:`~unetseg.losses.DeepSupervisionLoss` around
+    ``loss`` (nnU-Net's weights); the metrics see the full-resolution output. Validation and test run in eval
+    mode, where such a net returns one tensor.
+
     Batches are dicts ``{"image": (B, C_in, *spatial) float, "label": (B, *spatial) int}``. Logged keys:
     ``train/loss``, ``{val,test}/loss``, ``{stage}/dice``, ``{stage}/iou`` (mean over the foreground classes
     unless ``include_background``) and ``{stage}/dice/<class name>``, ``{stage}/iou/<class name>``.
@@ -162,6 +167,7 @@ class SegmentationModule(L.LightningModule):
         self.inference = inference
         self.preprocessing: dict[str, Any] = {}  # the data's normalization etc., saved in checkpoints
         self.loss_fn = SegmentationLoss(loss)
+        self.deep_supervision_loss = DeepSupervisionLoss(self.loss_fn)  # for nets that return a list
         num_classes = int(getattr(net, "out_channels", 0) or len(class_names or []))
         if num_classes < 2:
             raise ValueError(f"net.out_channels={num_classes}: a segmentation net needs at least 2 classes")
@@ -186,7 +192,7 @@ class SegmentationModule(L.LightningModule):
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would shadow nn.Module.train
             setattr(self, f"{stage}_metrics", base.clone(prefix=f"{stage}/"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.net(x)
 
     def infer(self, image: torch.Tensor) -> torch.Tensor:
@@ -195,8 +201,10 @@ class SegmentationModule(L.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         image, label = batch["image"], batch["label"]
-        logits = self(image) if stage == "train" else self.infer(image)
-        loss = self.loss_fn(logits, label)
+        outputs = self(image) if stage == "train" else self.infer(image)
+        deep = isinstance(outputs, (list, tuple))  # deep supervision: logits per level, full resolution first
+        loss = (self.deep_supervision_loss if deep else self.loss_fn)(outputs, label)
+        logits = outputs[0] if deep else outputs
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._non_finite_message(stage, loss.detach().item()))
         # max(1).indices == argmax(1) (first maximum on ties) but ~7x faster on CPU over the channel dim
@@ -221,7 +229,8 @@ class SegmentationModule(L.LightningModule):
         broken = len(weights) - len(finite)
         largest = max((float(w.abs().max()) for w in finite), default=0.0)
         state = (
-            f"{broken} of {len(weights)} weight tensors already hold NaN/inf" if broken
+            f"{broken} of {len(weights)} weight tensors already hold NaN/inf"
+            if broken
             else f"the weights are still finite (largest |w| {largest:.3g})"
         )
         trainer = self._trainer
