@@ -16,15 +16,20 @@ from urllib.parse import urlparse
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.utilities import _scan_checkpoints
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
+# Lightning's WandbLogger(log_model=...): no checkpoint, those at the end of the fit, each when it is saved
+LOG_MODEL_CHOICES = (False, True, "all")
 WANDB_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
 
 
@@ -53,6 +58,10 @@ class WandbLogger(_LightningWandbLogger):
     timeout after ``init_timeout`` seconds). ``id_file``: where the run id is written when the run starts
     (rank 0 only), so that a resumed run can pass it back as ``id``.
 
+    ``log_model`` (``False``; ``True``: at the end of the fit; ``"all"``: at every save) logs the checkpoints
+    of the ``ModelCheckpoint`` callbacks as ``model`` artifacts, also offline, where Lightning refuses it: the
+    artifact is recorded in the offline run and its file staged locally, uploaded by ``wandb sync``.
+
     >>> logger = WandbLogger(project="unetseg", save_dir="runs", offline=True)
     >>> logger._offline
     True
@@ -64,6 +73,7 @@ class WandbLogger(_LightningWandbLogger):
         offline: bool | None = None,
         init_timeout: float = 60.0,
         id_file: str | None = None,
+        log_model: bool | str = False,
         **kwargs: Any,
     ) -> None:
         self.id_file = id_file
@@ -75,7 +85,9 @@ class WandbLogger(_LightningWandbLogger):
             import wandb
 
             kwargs.setdefault("settings", wandb.Settings(init_timeout=init_timeout))
-        super().__init__(*args, offline=offline, **kwargs)
+        # Lightning rejects log_model with offline=True (it cannot upload); W&B records the artifact offline.
+        super().__init__(*args, offline=offline, log_model=False, **kwargs)
+        self._log_model = check_log_model(log_model)
 
     @property
     @rank_zero_experiment
@@ -102,6 +114,28 @@ class WandbLogger(_LightningWandbLogger):
         if self._started:
             self.experiment.finish()
 
+    def _scan_and_log_checkpoints(self, checkpoint_callback: ModelCheckpoint) -> None:
+        """Log the callback's new checkpoints as versions of the ``model-<run id>`` artifact (Lightning's
+        method, except that only a callback with a ``monitor`` gives the alias ``best``: the ``last.ckpt``
+        callback has none, and with Lightning's it would take that alias from the best checkpoint)."""
+        import wandb
+
+        monitored = getattr(checkpoint_callback, "monitor", None) is not None
+        keys = ("monitor", "mode", "save_last", "save_top_k", "save_weights_only", "_every_n_train_steps")
+        settings = {k: getattr(checkpoint_callback, k) for k in keys if hasattr(checkpoint_callback, k)}
+        for mtime, path, score, _ in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
+            metadata = {
+                "score": score.item() if isinstance(score, Tensor) else score,
+                "original_filename": Path(path).name,
+                type(checkpoint_callback).__name__: settings,
+            }
+            self._checkpoint_name = self._checkpoint_name or f"model-{self.experiment.id}"
+            artifact = wandb.Artifact(name=self._checkpoint_name, type="model", metadata=metadata)
+            artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
+            best = monitored and path == checkpoint_callback.best_model_path
+            self.experiment.log_artifact(artifact, aliases=["latest", "best"] if best else ["latest"])
+            self._logged_model_time[path] = mtime
+
     def _record_id(self, run: Any) -> None:
         """Write the run id to ``id_file`` so that ``--resume`` continues this W&B run."""
         run_dir = getattr(run, "dir", None)
@@ -111,6 +145,20 @@ class WandbLogger(_LightningWandbLogger):
             path = Path(self.id_file)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"{run_id}\n")
+
+
+def check_log_model(value: bool | str, key: str = "logging.log_model") -> bool | str:
+    """``value`` if it is one of :data:`LOG_MODEL_CHOICES`, else a ``ValueError`` naming ``key``.
+
+    >>> check_log_model("all")
+    'all'
+    """
+    if value is True or value is False or value == "all":
+        return value
+    raise ValueError(
+        f"{key}={value!r} is not one of {list(LOG_MODEL_CHOICES)}: false (no checkpoint), true "
+        "(the checkpoints at the end of the fit) or 'all' (every checkpoint when it is saved)"
+    )
 
 
 class _RunExperimentWriter(ExperimentWriter):
@@ -164,7 +212,8 @@ class RunLogging:
     passed to W&B (the ablation runner sets them). ``version`` names the run folder (``version_N``, the next
     free one, when ``None``); a fixed one (``slurm-$SLURM_JOB_ID``) lets a requeued job find its run again.
     The W&B run id is written to ``<run folder>/wandb_run_id.txt``; ``build(resume=True)`` continues that
-    W&B run and the folder's ``metrics.csv``.
+    W&B run and the folder's ``metrics.csv``. ``log_model`` logs the run's checkpoints as W&B ``model``
+    artifacts (``False``, ``True``: at the end of the fit, ``"all"``: at every save), offline too.
 
     >>> [type(lg).__name__ for lg in RunLogging(wandb=False).build("demo")]
     ['RunCSVLogger']
@@ -180,6 +229,7 @@ class RunLogging:
         wandb: bool = True,
         offline: bool | None = None,
         version: int | str | None = None,
+        log_model: bool | str = False,
     ) -> None:
         self.save_dir = save_dir
         self.name = name
@@ -189,6 +239,7 @@ class RunLogging:
         self.wandb = wandb
         self.offline = offline
         self.version = version
+        self.log_model = check_log_model(log_model)
 
     def build(self, default_name: str = "unetseg", resume: bool = False) -> list[Logger]:
         """The loggers for one run; the CSV logger comes first so files land in its versioned folder.
@@ -214,6 +265,7 @@ class RunLogging:
                     offline=self.offline,
                     id=run_id,
                     id_file=os.path.join(csv_logger.log_dir, WANDB_ID_FILE),
+                    log_model=self.log_model,
                 )
             )
         return loggers
