@@ -135,6 +135,23 @@ def table(runs: list[dict[str, Any]]) -> str:
         ]
         cells += [_mean_std([r["dice"][c] for r in rows]) for c in classes]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + paired(runs)
+
+
+def paired(runs: list[dict[str, Any]]) -> str:
+    """Per-seed differences: auto minus the reference at equal time and at equal steps (test Dice), and the
+    end-to-end wall-time ratio auto / reference at equal steps (start-up, validation, checkpoints, test
+    included)."""
+    lines = []
+    for key, label in (("reference", "equal time"), ("reference_steps", "equal steps")):
+        deltas = [r["auto"]["mean_dice"] - r[key]["mean_dice"] for r in runs if key in r]
+        if deltas:
+            each = ", ".join(f"{d:+.3f}" for d in deltas)
+            lines.append(f"- auto - reference, {label}: {_mean_std(deltas)} ({each})")
+    ratios = [r["auto"]["wall"] / r["reference_steps"]["wall"] for r in runs if "reference_steps" in r]
+    if ratios:
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        lines.append(f"- end to end at equal steps, wall time auto / reference: {_mean_std(ratios)} ({each})")
     return "\n".join(lines)
 
 

@@ -107,7 +107,8 @@ def model_throughput(
     """Samples/s of the base config's training step (net, loss, optimizer from the CLI) on a real batch."""
     from unetseg.training.cli import build_cli
 
-    args = ["--logging.wandb", "false", "--logging.save_dir", str(workdir / "runs"),
+    # the base config's net: --data.root without a --config would plan the dataset
+    args = ["--config", "unet_skip", "--logging.wandb", "false", "--logging.save_dir", str(workdir / "runs"),
             "--trainer.default_root_dir", str(workdir)]
     for key in ("root", "spatial_dims", "num_folds", "check_data"):  # what decides channels and classes
         if data_args.get(key) is not None:

@@ -178,3 +178,46 @@ def test_config_auto_plans_trains_and_keeps_the_plan_next_to_the_config(mri, tmp
         main(["--config", "auto", *common])
     assert exit_info.value.code == 2
     assert "--config auto plans from a dataset: give --data.root" in capsys.readouterr().err
+
+
+def test_data_root_without_a_config_is_planned_and_an_explicit_base_config_is_not(mri, tmp_path):
+    from unetseg.training.cli import main
+
+    common = ["--data.root", str(mri), "--data.split_file", str(mri / "splits.json"),
+              "--trainer.max_steps", "1", "--logging.save_dir", str(tmp_path / "runs"),
+              "--logging.wandb", "false", "--test", "false"]
+    main(common)
+    planned_dir = tmp_path / "runs" / "auto" / "version_0"
+    planned = yaml.safe_load((planned_dir / "plan.yaml").read_text())
+    used = yaml.safe_load((planned_dir / "config.yaml").read_text())
+    assert used["data"]["batch_size"] == planned["data"]["batch_size"]
+    assert used["model"]["net"]["init_args"]["channels"] == planned["model"]["net"]["init_args"]["channels"]
+    # a --KEY VALUE still overrides the plan: it comes after the planned overlay
+    main([*common, "--data.batch_size", "3", "--logging.version", "override"])
+    overridden = yaml.safe_load((tmp_path / "runs" / "auto" / "override" / "config.yaml").read_text())
+    assert overridden["data"]["batch_size"] == 3 != planned["data"]["batch_size"]
+    main(["--config", "unet_skip", *common])
+    base_dir = tmp_path / "runs" / "unet_skip" / "version_0"
+    base = yaml.safe_load((base_dir / "config.yaml").read_text())
+    assert not (base_dir / "plan.yaml").exists()
+    assert base["data"]["batch_size"] == 16 != planned["data"]["batch_size"]
+
+
+def test_the_rules_docstring_examples_hold():
+    import doctest
+
+    from unetseg.plan import rules
+
+    result = doctest.testmod(rules)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_cpu_plans_keep_the_first_two_levels_at_the_base_width_and_mirrored_plans_use_flip_tta():
+    fp = _fp((80, 96, 40), (1.0, 1.0, 1.0))
+    cpu, gpu = make_plan(fp, gpu=False), make_plan(fp, gpu=True)
+    cpu_channels = cpu.value("model.net.init_args.channels")
+    assert cpu_channels[0] == cpu_channels[1] and cpu_channels[2] == 2 * cpu_channels[1]
+    gpu_channels = gpu.value("model.net.init_args.channels")
+    assert all(b == min(2 * a, 320) for a, b in zip(gpu_channels, gpu_channels[1:], strict=False))
+    assert cpu.value("data.augmentation") and cpu.value("model.inference.flip_tta") is True
+    assert cpu.overlay()["model"]["inference"] == {"flip_tta": True}

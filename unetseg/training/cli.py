@@ -6,7 +6,9 @@ Configuration is LightningCLI (jsonargparse): the YAML mirrors the constructors 
 (``RunLogging``). ``configs/unet_skip.yaml`` is the base config: it is applied first, exactly once, and every
 ``--config`` file on top of it in the order given, so variants are overlays of a few lines. A bare config
 name is looked up in ``./configs``, then in the configs shipped with unetseg (see :func:`resolve_config`);
-any value can be overridden, e.g. ``--model.net.init_args.long_skip add``.
+any value can be overridden, e.g. ``--model.net.init_args.long_skip add``. ``--config auto`` plans the dataset
+of ``--data.root`` (``unetseg.plan``); ``--data.root DIR`` without any ``--config`` does the same, and
+``--config unet_skip`` trains the base recipe on it unplanned.
 
 Scale-out options (see ``docs/cluster.md``): ``--trainer.precision bf16-mixed``, ``--performance.memory_format
 channels_last``, ``--performance.compile true``, ``--trainer.devices N --trainer.strategy ddp``,
@@ -23,6 +25,7 @@ removed when nothing was saved in it), 143 for SIGTERM (``last.ckpt`` saved firs
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -78,6 +81,7 @@ NET_CLASSES = ("unetseg.UNet", "unetseg.nets.EncoderUNet")
 DESCRIPTION = (
     "Fit a segmentation net, then test its best checkpoint. The base config unet_skip.yaml comes first, then "
     "each --config NAME (from ./configs or the configs shipped with unetseg) and each --KEY VALUE in order. "
+    "--data.root DIR without any --config plans the dataset (as --config auto). "
     "The net's own keys (--model.net.init_args.*): --model.net.help unetseg.UNet."
 )
 USAGE = "%(prog)s [--config NAME ...] [--KEY VALUE ...] [--print_config] [--resume last|auto|FOLDER|CKPT]"
@@ -155,13 +159,15 @@ def plan_config(args: list[str]) -> str:
     if not root:
         raise ValueError("--config auto plans from a dataset: give --data.root DIR (and --data.split_file)")
     folder = Path(tempfile.mkdtemp(prefix="unetseg-plan-"))
+    atexit.register(shutil.rmtree, folder, True)  # the run keeps its copy, plan.yaml (_save_plan)
     return str(plan_dataset(root, folder / f"{AUTO_CONFIG}.yaml", _option(args, "--data.split_file")))
 
 
 def _config_args(args: list[str]) -> tuple[list[str], str]:
     """``args`` with each ``--config`` resolved to a file and the base config first, exactly once (naming it
     again does nothing); also the run's default name: the last ``--config`` given, else the base's.
-    ``--config auto`` plans the dataset (:func:`plan_config`) unless a config file of that name exists."""
+    ``--config auto`` plans the dataset (:func:`plan_config`) unless a config file of that name exists; so
+    does ``--data.root DIR`` without any ``--config`` (a dataset and no recipe: plan one, as nnU-Net does)."""
     base = next((str(d / BASE_CONFIG) for d in config_dirs() if (d / BASE_CONFIG).is_file()), None)
     out: list[str] = ["--config", base] if base else []
     names: list[str] = []
@@ -178,6 +184,10 @@ def _config_args(args: list[str]) -> tuple[list[str], str]:
         check_yaml(path)
         if base is None or Path(path).resolve() != Path(base).resolve():
             out += ["--config", path]
+    if not names and _option(args, "--data.root"):
+        names.append(AUTO_CONFIG)
+        at = 2 if base else 0  # right after the base, before every --KEY VALUE
+        out[at:at] = ["--config", plan_config(args)]
     return out, Path(names[-1] if names else BASE_CONFIG).stem
 
 
