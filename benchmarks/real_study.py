@@ -130,10 +130,11 @@ def evaluate(root: Path, test_ids: Sequence[str], masks: Path) -> dict[str, Any]
     import nibabel as nib
 
     from unetseg.evaluation.per_case import aggregate_over_cases, case_rows, write_results
+    from unetseg.inference.postprocess import class_counts, pooled_dice
 
     class_names = list(real_mri.CLASS_NAMES)
     rows: list[dict[str, Any]] = []
-    counts = np.zeros((len(class_names), 3))  # per class: true positives, predicted, reference
+    counts = np.zeros((len(class_names), 3), dtype=np.int64)  # per class: TP, FP, FN over all test voxels
     for case_id in test_ids:
         label_img = nib.load(root / "labelsTr" / f"{case_id}.nii.gz")
         label = np.asarray(label_img.dataobj, dtype=np.int64)
@@ -142,13 +143,10 @@ def evaluate(root: Path, test_ids: Sequence[str], masks: Path) -> dict[str, Any]
             raise ValueError(f"{masks / case_id}.nii.gz has shape {mask.shape}, its label {label.shape}")
         spacing = [float(z) for z in label_img.header.get_zooms()[:3]]
         rows += case_rows(case_id, mask, label, class_names, spacing, nsd_tolerance=NSD_TOLERANCE_MM)
-        for c in range(len(class_names)):
-            counts[c] += [np.sum((mask == c) & (label == c)), np.sum(mask == c), np.sum(label == c)]
+        counts += class_counts(mask, label, len(class_names))
     summary = aggregate_over_cases(rows, class_names, spread=True)
-    summary["global_dice"] = {
-        name: float(2 * tp / (p + r)) if p + r else None
-        for name, (tp, p, r) in zip(class_names, counts, strict=True)
-    }
+    # NaN (a class in neither masks nor labels) is written as null
+    summary["global_dice"] = dict(zip(class_names, pooled_dice(counts).tolist(), strict=True))
     write_results(rows, summary, masks)
     return summary
 
@@ -348,20 +346,11 @@ def run_study(args: argparse.Namespace, train_args: Sequence[str]) -> dict[str, 
         "load_average_before": before,
         "load_average_after": load_average(),
     }
-    (workdir / "study.json").write_text(json.dumps(_json_safe(study), indent=1) + "\n")
+    from unetseg.evaluation.per_case import json_safe
+
+    (workdir / "study.json").write_text(json.dumps(json_safe(study), indent=1) + "\n")
     (workdir / "study.md").write_text(markdown(study))
     return study
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf floats -> ``None`` (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -227,14 +227,14 @@ def aggregate_over_cases(
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf floats -> None (strict JSON), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -252,7 +252,7 @@ def write_results(
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
-    json_path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    json_path.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return csv_path, json_path
 
 

@@ -208,7 +208,7 @@ def apply_postprocessing(
     return largest_component(mask, postprocessing.classes, spatial_dims)
 
 
-def _counts(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+def class_counts(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
     """``(num_classes, 3)`` int64: true positives, false positives and false negatives per class."""
     confusion = np.bincount(
         label.ravel().astype(np.int64) * num_classes + prediction.ravel(), minlength=num_classes**2
@@ -217,8 +217,9 @@ def _counts(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.n
     return np.stack([tp, confusion.sum(0) - tp, confusion.sum(1) - tp], axis=1)
 
 
-def _dice(counts: np.ndarray) -> np.ndarray:
-    """Dice per class of ``(K, 3)`` counts; NaN where a class is in neither prediction nor label."""
+def pooled_dice(counts: np.ndarray) -> np.ndarray:
+    """Dice per class of ``(K, 3)`` counts (summed over cases: the Dice over all their voxels); NaN where a
+    class is in neither prediction nor label."""
     tp, fp, fn = counts.T.astype(np.float64)
     denominator = 2 * tp + fp + fn
     return np.divide(2 * tp, denominator, out=np.full_like(tp, np.nan), where=denominator > 0)
@@ -251,12 +252,12 @@ def _candidate_counts(pairs: Iterable[tuple[Any, Any]], num_classes: int) -> dic
     for count, (prediction, label) in enumerate(pairs, start=1):
         prediction, label = _check_pair(prediction, label, num_classes, count - 1)
         for key, mask in (("raw", prediction), ("fg", largest_foreground_component(prediction))):
-            counts = _counts(mask, label, num_classes)
+            counts = class_counts(mask, label, num_classes)
             totals[key] += counts
             for k in range(1, num_classes):
                 kept = _keep_largest(mask, mask == k, mask.ndim)
                 totals[f"{key}_class"][k] += (
-                    counts[k] if kept is mask else _counts(kept, label, num_classes)[k]
+                    counts[k] if kept is mask else class_counts(kept, label, num_classes)[k]
                 )
     if count == 0:
         raise ValueError("decide_postprocessing needs at least one (prediction, label) pair")
@@ -305,10 +306,10 @@ def decide_postprocessing(
             f"class_names {names}: need distinct names, background first, and a foreground class"
         )
     totals = _candidate_counts(pairs, len(names))
-    raw = _dice(totals["raw"])
-    foreground_lcc = _foreground_improves(raw[1:], _dice(totals["fg"])[1:], min_gain)
+    raw = pooled_dice(totals["raw"])
+    foreground_lcc = _foreground_improves(raw[1:], pooled_dice(totals["fg"])[1:], min_gain)
     base = "fg" if foreground_lcc else "raw"
-    before, with_lcc = _dice(totals[base]), _dice(totals[f"{base}_class"])
+    before, with_lcc = pooled_dice(totals[base]), pooled_dice(totals[f"{base}_class"])
     classes = [k for k in range(1, len(names)) if with_lcc[k] - before[k] > min_gain]  # NaN: never chosen
     after = np.where(np.isin(np.arange(len(names)), classes), with_lcc, before)
     return Postprocessing(

@@ -225,7 +225,7 @@ def _plan_schedule(plan: Plan, fp: Fingerprint, dims: int, axis: int, batch: int
     train_samples = fp.num_slices[axis] if dims == 2 else fp.num_cases
     # a validation sample costs about a third of a training sample (forward only), times the 2**dims
     # mirrored passes of flip TTA when the plan uses it
-    passes = 2**dims if plan.overlay().get("model", {}).get("inference", {}).get("flip_tta") else 1
+    passes = 2**dims if plan.value("model.inference.flip_tta") else 1
     epoch = max(50, math.ceil(val_samples * passes / (3 * VAL_SHARE * batch)))
     plan.add(
         "data.batches_per_epoch",
