@@ -13,7 +13,7 @@ import yaml
 
 import unetseg.analysis.ablate as ablate
 from unetseg.analysis import runner
-from unetseg.analysis.plan import load_plan
+from unetseg.analysis.runs import load_plan
 from unetseg.nets import UNet
 
 DEBUG_CHANNELS = (4, 8, 16)  # configs/debug.yaml

@@ -4,7 +4,7 @@ compared with the same long skip without it, and the heads counted in its parame
 from __future__ import annotations
 
 from unetseg.analysis.grid import AblationGrid
-from unetseg.analysis.plan import plan_runs
+from unetseg.analysis.runs import plan_runs
 from unetseg.training.cli import REPO_CONFIGS
 
 NUM_CLASSES = 4  # the built-in synthetic data

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from unetseg.analysis.grid import AblationError, AblationGrid
-from unetseg.analysis.plan import plan_runs
+from unetseg.analysis.runs import plan_runs
 from unetseg.nets.encoders import smp_available
 from unetseg.training.cli import REPO_CONFIGS
 

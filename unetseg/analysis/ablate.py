@@ -2,7 +2,7 @@
 
 ``python -m unetseg.analysis.ablate --config configs/ablation/long_skips.yaml`` reads the grid file
 (:mod:`unetseg.analysis.grid`, which documents the format), plans the runs and checks every variant with the
-training CLI's parser and constructors before anything trains (:mod:`unetseg.analysis.plan`), runs what is not
+training CLI's parser and constructors before anything trains (:mod:`unetseg.analysis.runs`), runs what is not
 finished yet, in this process or ``--jobs N`` at a time in subprocesses (:mod:`unetseg.analysis.runner`), and
 writes ``results.csv``, ``results.md`` and PNG figures into ``out_dir`` (:mod:`unetseg.analysis.report`).
 
@@ -23,7 +23,8 @@ import torch
 
 from unetseg.analysis import runner
 from unetseg.analysis.grid import AblationError, AblationGrid
-from unetseg.analysis.plan import (
+from unetseg.analysis.report import write_report
+from unetseg.analysis.runs import (
     Run,
     check_finished_runs,
     load_plan,
@@ -32,7 +33,6 @@ from unetseg.analysis.plan import (
     save_plan,
     worker_command,
 )
-from unetseg.analysis.report import write_report
 
 NAME = "unetseg.analysis.ablate"
 

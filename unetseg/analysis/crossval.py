@@ -30,7 +30,7 @@ from unetseg.analysis import runner
 from unetseg.analysis.grid import AblationError
 from unetseg.analysis.matching import parameter_counts
 from unetseg.analysis.oof import Fold, evaluate_out_of_fold
-from unetseg.analysis.plan import (
+from unetseg.analysis.runs import (
     Run,
     check_finished_runs,
     check_variant,

@@ -23,8 +23,8 @@ import pandas as pd
 
 from unetseg.analysis.gradflow import plot_gradflow, plot_gradflow_profile
 from unetseg.analysis.grid import AblationGrid, format_value
-from unetseg.analysis.plan import Run, read_marker
 from unetseg.analysis.plotting import pyplot, save_figure
+from unetseg.analysis.runs import Run, read_marker
 
 SIGNIFICANCE = 0.05
 POWER = 0.8

@@ -1,6 +1,6 @@
 """Running an ablation's plan: every unfinished run, in this process or as ``--jobs N`` subprocesses.
 
-:func:`run_one` trains and tests one :class:`~unetseg.analysis.plan.Run` through ``unetseg.training.cli.main``
+:func:`run_one` trains and tests one :class:`~unetseg.analysis.runs.Run` through ``unetseg.training.cli.main``
 (the code path of ``train.py``) and writes its ``result.json`` (parameters, fit and wall time, best epoch,
 validation curve, test metrics, log folder). :func:`execute` skips the finished runs, so an interrupted
 ablation reruns only the others; a half-written run folder is removed before its run starts again.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from unetseg.analysis.matching import parameter_counts
-from unetseg.analysis.plan import Run, marker_path, read_marker, run_folder, worker_command, write_atomic
+from unetseg.analysis.runs import Run, marker_path, read_marker, run_folder, worker_command, write_atomic
 
 #: Errors of one run that do not stop the other runs.
 RUN_ERRORS = (RuntimeError, ValueError, FloatingPointError, OSError)
