@@ -186,6 +186,23 @@ def test_zscore_nonzero_keeps_background_zero_and_standardizes_foreground():
     assert abs(inside.mean()) < 1e-4 and abs(inside.std() - 1) < 1e-4
     # over all voxels, the z-score would move the background away from 0
     assert ZScore()(x)[0, 0] < -0.5
+    # background="scale": the same foreground statistics, applied to the background too (darkest value)
+    scaled = ZScore(nonzero=True, background="scale")(x)
+    assert scaled[x != 0] == pytest.approx(inside, abs=1e-5)
+    expected = (0 - x[x != 0].mean()) / x[x != 0].std()
+    assert np.all(scaled[x == 0] == pytest.approx(expected, rel=1e-4)) and expected < inside.min()
+
+
+def test_zscore_nonzero_makes_tissue_intensities_agree_across_cases_with_different_background():
+    # two cases of the same tissue mix, one with twice as much zero background: the whole-case z-score gives
+    # the same tissue different values; the non-zero statistics (either background mode) do not
+    tissue = RNG.normal(500.0, 20.0, (10, 10)).astype(np.float32)
+    small, large = np.zeros((20, 10), np.float32), np.zeros((40, 10), np.float32)
+    small[:10], large[:10] = tissue, tissue
+    assert abs(ZScore()(small)[:10].mean() - ZScore()(large)[:10].mean()) > 0.3
+    for background in ("zero", "scale"):
+        norm = ZScore(nonzero=True, background=background)
+        assert norm(small)[:10] == pytest.approx(norm(large)[:10], abs=1e-5)
 
 
 def test_ct_window_unit_clips_and_scales():
@@ -247,6 +264,7 @@ def test_normalization_config_forms():
     [
         ("histogram", r"unknown normalization 'histogram'; expected one of \['zscore', 'ct'"),
         ({"name": "zscore", "bogus": 1}, "normalization 'zscore': invalid arguments"),
+        ({"name": "zscore", "nonzero": True, "background": "mean"}, "background must be 'zero' or 'scale'"),
         (["zscore"], r"1 entries; expected one per input channel \(2\)"),
         ({"name": "ct", "window": [300, -100]}, "lo < hi"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +42,9 @@ def test_fingerprint_counts_classes_slices_and_intensities_of_the_files(mri):
     assert fp.intensity[0]["p99_5"] <= foreground.max() and fp.intensity[0]["p00_5"] >= foreground.min()
     assert abs(fp.intensity[0]["median"] - np.median(foreground)) < 0.05 * foreground.std()
     assert math.isclose(sum(fp.foreground_fraction()), 1.0)
+    zero = [float((im == 0).mean()) for im in images]  # one channel: the voxels that are exactly 0
+    assert fp.zero_fractions == pytest.approx(zero)
+    assert fp.median_zero_fraction == pytest.approx(np.median(zero))
 
 
 def _fp(shape, spacing, n=4, slices=None, names=("background", "a", "b"), channels=("MRI",), voxels=None):
@@ -114,6 +118,33 @@ def test_rare_class_raises_oversampling_and_ct_gets_a_window():
     assert make_plan(common).value("data.normalization") == "zscore"
 
 
+def _zero_padded_copy(root, out, pad=12):
+    """The MSD dataset at ``root`` copied to ``out`` with ``pad`` voxels of zeros around X and Y."""
+    shutil.copytree(root, out)
+    for path in [*(out / "imagesTr").glob("*.nii.gz"), *(out / "labelsTr").glob("*.nii.gz")]:
+        img = nib.load(path)
+        data = np.pad(np.asarray(img.dataobj), [(pad, pad), (pad, pad), (0, 0)])
+        nib.save(nib.Nifti1Image(data, img.affine), path)
+    return out
+
+
+def test_a_zero_background_is_z_scored_over_the_non_zero_voxels(mri, tmp_path):
+    # the real-MRI cut-out is skull-stripped but cut tight (about 12% background); with a margin of
+    # background around it, as in a whole scan, most voxels are exactly 0
+    tight = dataset_fingerprint(validate(detect_layout(mri)))
+    assert tight.median_zero_fraction < 0.25
+    assert make_plan(tight).value("data.normalization") == "zscore"
+    fp = dataset_fingerprint(validate(detect_layout(_zero_padded_copy(mri, tmp_path / "padded"))))
+    assert fp.median_zero_fraction >= 0.25
+    plan = make_plan(fp)
+    assert plan.value("data.normalization") == {"name": "zscore", "nonzero": True, "background": "scale"}
+    assert "non-zero voxels" in next(c.reason for c in plan.choices if c.key == "data.normalization")
+    fp.zero_fractions = [0.3, 0.2, 0.1]  # the median case decides, as in nnU-Net's crop-size rule
+    assert make_plan(fp).value("data.normalization") == "zscore"
+    ct = make_plan(Fingerprint(**{**fp.to_dict(), "channel_names": ["CT"]}))
+    assert ct.value("data.normalization")["name"] == "ct"  # CT keeps its window, background or not
+
+
 def test_spacings_that_differ_are_resampled_to_the_median():
     fp = _fp((64, 64, 20), (1.0, 1.0, 1.0))
     assert "data.target_spacing" not in [c.key for c in make_plan(fp).choices]
@@ -183,9 +214,20 @@ def test_config_auto_plans_trains_and_keeps_the_plan_next_to_the_config(mri, tmp
 def test_data_root_without_a_config_is_planned_and_an_explicit_base_config_is_not(mri, tmp_path):
     from unetseg.training.cli import main
 
-    common = ["--data.root", str(mri), "--data.split_file", str(mri / "splits.json"),
-              "--trainer.max_steps", "1", "--logging.save_dir", str(tmp_path / "runs"),
-              "--logging.wandb", "false", "--test", "false"]
+    common = [
+        "--data.root",
+        str(mri),
+        "--data.split_file",
+        str(mri / "splits.json"),
+        "--trainer.max_steps",
+        "1",
+        "--logging.save_dir",
+        str(tmp_path / "runs"),
+        "--logging.wandb",
+        "false",
+        "--test",
+        "false",
+    ]
     main(common)
     planned_dir = tmp_path / "runs" / "auto" / "version_0"
     planned = yaml.safe_load((planned_dir / "plan.yaml").read_text())

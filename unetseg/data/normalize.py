@@ -1,7 +1,8 @@
 """Intensity normalization per case and channel, chosen by name (a registry), as nnU-Net does by modality.
 
-* ``zscore``: ``(x - mean) / std`` over the case (MR); ``nonzero=True`` uses only non-zero voxels and leaves
-  the zero background at 0 (skull-stripped brains).
+* ``zscore``: ``(x - mean) / std`` over the case (MR); ``nonzero=True`` takes the mean and std of the non-zero
+  voxels only (skull-stripped brains) and leaves the zero background at 0 (nnU-Net, MONAI), or with
+  ``background="scale"`` normalizes it like every other voxel (it stays the darkest value).
 * ``ct``: clip to a HU window ``[lo, hi]`` (default soft-tissue ``[-160, 240]``; ``window="auto"`` takes the
   0.5/99.5 percentiles of the foreground voxels of the training cases), then ``mode="unit"`` scales to
   ``[0, 1]`` and ``mode="zscore"`` subtracts the mean and divides by the std (the dataset's foreground
@@ -29,28 +30,37 @@ DEFAULT_CT_WINDOW: tuple[float, float] = (-160.0, 240.0)
 
 
 class ZScore:
-    """Per-case z-score: ``(x - mean) / std``; with ``nonzero`` the stats and output use non-zero voxels only.
+    """Per-case z-score ``(x - mean) / std``. With ``nonzero`` the mean and std are those of the non-zero
+    voxels and the zero voxels stay 0 (``background="zero"``, nnU-Net's and MONAI's) or are normalized like
+    the rest (``background="scale"``: the background keeps its place below the darkest tissue).
 
     >>> [round(float(v), 3) for v in ZScore()(np.array([1.0, 2.0, 3.0], dtype=np.float32))]
     [-1.225, 0.0, 1.225]
+    >>> [round(float(v), 3) for v in ZScore(nonzero=True, background="scale")(np.array([0.0, 2.0, 4.0]))]
+    [-3.0, -1.0, 1.0]
     """
 
-    def __init__(self, nonzero: bool = False) -> None:
+    def __init__(self, nonzero: bool = False, background: str = "zero") -> None:
+        if background not in ("zero", "scale"):
+            raise ValueError(f"zscore background must be 'zero' or 'scale', got {background!r}")
         self.nonzero = nonzero
+        self.background = background
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        if self.nonzero:
-            mask = x != 0
-            if mask.any():
-                out = np.zeros_like(x)
-                values = x[mask]
-                out[mask] = (values - values.mean()) / max(float(values.std()), EPS)
-                return out
-        return (x - x.mean()) / max(float(x.std()), EPS)
+        mask = x != 0
+        if not self.nonzero or not mask.any():
+            return (x - x.mean()) / max(float(x.std()), EPS)
+        values = x[mask]
+        mean, std = float(values.mean()), max(float(values.std()), EPS)
+        if self.background == "scale":
+            return (x - mean) / std
+        out = np.zeros_like(x)
+        out[mask] = (values - mean) / std
+        return out
 
     def __repr__(self) -> str:
-        return f"ZScore(nonzero={self.nonzero})"
+        return f"ZScore(nonzero={self.nonzero}, background={self.background!r})"
 
 
 class CTWindow:
@@ -267,7 +277,7 @@ def build_normalization(
     ``cases`` are only read for ``{"name": "ct", "window": "auto"}``.
 
     >>> build_normalization("zscore", in_channels=2)
-    ChannelNormalizer([ZScore(nonzero=False), ZScore(nonzero=False)])
+    ChannelNormalizer([ZScore(nonzero=False, background='zero'), ZScore(nonzero=False, background='zero')])
     """
     channels = in_channels if in_channels is not None else (spec.in_channels if spec is not None else None)
     if channels is None:

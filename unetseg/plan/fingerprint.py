@@ -1,6 +1,7 @@
 """The dataset fingerprint: what the planner needs to know about a dataset, read once from its files.
 
-Like nnU-Net's fingerprint extraction: per case the shape and voxel spacing, per input channel intensity
+Like nnU-Net's fingerprint extraction: per case the shape, the voxel spacing and the share of voxels that are
+exactly zero in every channel (a zero background, e.g. a skull-stripped MRI), per input channel intensity
 statistics over the foreground (label > 0) voxels, per class how many voxels it has and in how many cases and
 slices it appears. Only the training cases (of the split, when one is given) are read.
 
@@ -28,6 +29,7 @@ class Fingerprint:
 
     ``class_voxels[k]``: voxels of class ``k`` over all cases; ``class_cases[k]``: cases containing it;
     ``class_slices[axis][k]``: slices along ``axis`` containing it, of ``num_slices[axis]`` slices in all.
+    ``zero_fractions[i]``: share of case ``i``'s voxels that are 0 in every channel.
 
     >>> fp = Fingerprint(["background", "a"], ["MRI"], 3, [(8, 8, 4)], [(1.0, 1.0, 2.0)])
     >>> fp.median_shape, fp.median_spacing
@@ -46,6 +48,7 @@ class Fingerprint:
     num_slices: list[int] = field(default_factory=list)
     constant_cases: list[str] = field(default_factory=list)
     bytes_per_case: float = 0.0
+    zero_fractions: list[float] = field(default_factory=list)
 
     @property
     def num_cases(self) -> int:
@@ -61,6 +64,11 @@ class Fingerprint:
     def median_spacing(self) -> tuple[float, ...]:
         """Median voxel spacing per axis."""
         return tuple(float(v) for v in np.median(np.array(self.spacings), axis=0))
+
+    @property
+    def median_zero_fraction(self) -> float:
+        """Median over the cases of the share of voxels that are 0 in every channel (0 when unknown)."""
+        return float(np.median(self.zero_fractions)) if self.zero_fractions else 0.0
 
     def foreground_fraction(self) -> list[float]:
         """Share of each class among the foreground voxels (background: 0)."""
@@ -126,6 +134,7 @@ def dataset_fingerprint(spec: DatasetSpec, cases: Sequence[Case] | None = None, 
             slices[axis] += found
         if any(float(channel.max()) == float(channel.min()) for channel in image):
             fp.constant_cases.append(case.case_id)
+        fp.zero_fractions.append(float((image == 0).all(axis=0).mean()))
         foreground = label > 0
         for c, channel in enumerate(image):
             values = channel[foreground] if foreground.any() else channel.ravel()
