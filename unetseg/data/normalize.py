@@ -48,8 +48,8 @@ class ZScore:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        mask = x != 0
-        if not self.nonzero or not mask.any():
+        mask = x != 0 if self.nonzero else None
+        if mask is None or not mask.any():
             return (x - x.mean()) / max(float(x.std()), EPS)
         values = x[mask]
         mean, std = float(values.mean()), max(float(values.std()), EPS)
