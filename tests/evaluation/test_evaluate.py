@@ -26,6 +26,7 @@ from scipy.ndimage import uniform_filter
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from tests._wandb import history, offline_run
 from unetseg import SegmentationModule
 from unetseg.data import SegmentationDataModule
@@ -257,14 +258,7 @@ def _batch_items(preds, labels, **extra):
 
 
 def _trainer(tmp_path, callback) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    return quiet_trainer(default_root_dir=tmp_path, callbacks=[callback])
 
 
 def test_callback_uses_case_ids_and_spacing_from_the_batch(tmp_path):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from unetseg import SegmentationModule, UNet
 from unetseg.data.synthetic import SyntheticSegmentation
 from unetseg.inference.inferer import Inferer, flip_axes
@@ -151,15 +151,8 @@ def _loader(n: int = 2, size: int = 32) -> DataLoader:
 def test_validation_and_test_use_the_inferer_while_training_runs_forward(tmp_path):
     net = _ShapeRecorder()
     module = SegmentationModule(net, inference=Inferer(roi_size=[16, 16], overlap=0.0, sw_batch_size=1))
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        default_root_dir=tmp_path, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0
     )
     trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader())
     assert net.seen[0] == (32, 32)  # the training step: the whole patch

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from unetseg import SegmentationModule, UNet
 from unetseg.data.formats.io import read_array
 from unetseg.inference.cases import InputCase, class_palette, write_mask
@@ -269,14 +269,7 @@ class _RecordedNet(nn.Module):
 def test_python_built_module_with_an_init_args_net_is_restored_from_its_checkpoint(tmp_path):
     module = SegmentationModule(_RecordedNet(width=6), class_names=["bg", "fg"])
     items = [{"image": torch.randn(1, 16, 16), "label": torch.randint(0, 2, (16, 16))} for _ in range(2)]
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=1)
     trainer.fit(module, DataLoader(items, batch_size=2))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     restored = SegmentationModule.load_for_inference(tmp_path / "m.ckpt")
@@ -298,10 +291,7 @@ def test_python_built_module_with_an_init_args_net_is_restored_from_its_checkpoi
 def test_python_built_unet_module_is_restored_from_its_checkpoint_alone(net, tmp_path):
     net = net()
     module = SegmentationModule(net, class_names=["bg", "a", "b"])
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=1)
     c = net.in_channels
     items = [{"image": torch.randn(c, 16, 16), "label": torch.randint(0, 3, (16, 16))} for _ in range(2)]
     trainer.fit(module, DataLoader(items, batch_size=2))

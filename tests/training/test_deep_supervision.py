@@ -9,12 +9,12 @@ import csv
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from unetseg import UNet
 from unetseg.analysis.gradflow import GradientFlow
 from unetseg.inference.checkpoint import CheckpointModel
@@ -57,14 +57,7 @@ def test_module_trains_with_the_weighted_loss_and_validates_on_one_tensor():
     net = UNet(channels=(4, 8, 16, 32), out_channels=3, deep_supervision=True)
     module = SegmentationModule(net, class_names=["background", "a", "b"])
     check = LossCheck()
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[check],
-    )
+    trainer = quiet_trainer(max_steps=3, callbacks=[check])
     loader = DataLoader(_data(), batch_size=2)
     trainer.fit(module, loader)
     assert len(check.reported) == 3

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from unetseg import SegmentationModule, UNet
 from unetseg.losses import LOSSES, SegmentationLoss
 from unetseg.metrics import segmentation_metrics, to_logged_scalars
@@ -98,13 +99,7 @@ def test_module_overfits_one_batch_through_a_real_trainer():
     data = [{"image": batch["image"][i], "label": batch["label"][i]} for i in range(4)]
     loader = DataLoader(data, batch_size=4)
     module = _module(optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
-    trainer = L.Trainer(
-        max_epochs=80,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=80)
     trainer.fit(module, loader, loader)
     assert trainer.callback_metrics["train/loss"] < 0.5
     metrics = trainer.validate(module, loader, verbose=False)[0]

@@ -7,12 +7,12 @@ bf16 sums keep 8 bits of mantissa): removing the float32 casts of ``unetseg.loss
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests._trainer import quiet_trainer
 from unetseg import UNet
 from unetseg.losses import LOSSES, SegmentationLoss
 from unetseg.metrics import segmentation_metrics
@@ -113,10 +113,7 @@ def test_validation_under_bf16_mixed_matches_float64_on_large_images(case):
     image = (label.float() + torch.randn(spatial) * 0.5).unsqueeze(0)
     loader = DataLoader([{"image": image, "label": label}], batch_size=1)
     capture = _Capture(net)
-    trainer = L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(accelerator="cpu", precision="bf16-mixed")
     (logged,) = trainer.validate(module, dataloaders=loader, verbose=False)
     (logits,) = capture.outputs
     assert logits.dtype == torch.bfloat16  # autocast was on
